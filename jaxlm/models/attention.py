@@ -1,0 +1,59 @@
+"""Multi-head attention with separate query and key/value inputs and an arbitrary mask.
+
+Queries and keys/values are separate inputs and the mask is any `[batch, 1 or heads, q, k]`
+boolean array, so the same module serves bidirectional encoders (padding mask), causal LMs
+(triangular mask) and XLNet's two-stream attention (query stream over the content stream).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm.models import axes, init
+from jaxlm.models.config import ModelConfig
+
+
+class MultiHeadAttention(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(
+      self, q_BQD: jax.Array, kv_BKD: jax.Array, mask_BHQK: jax.Array, deterministic: bool
+  ) -> jax.Array:
+    c = self.config
+
+    def project(name):
+      return nn.DenseGeneral(
+          features=(c.num_heads, c.head_dim),
+          axis=-1,
+          dtype=c.dtype,
+          param_dtype=c.param_dtype,
+          kernel_init=init.weights(c, (axes.EMBED, axes.HEADS, axes.KV)),
+          bias_init=init.zeros((axes.HEADS, axes.KV)),
+          name=name,
+      )
+
+    q_BQHK = project("query")(q_BQD) / jnp.sqrt(c.head_dim).astype(c.dtype)
+    k_BKHK = project("key")(kv_BKD)
+    v_BKHK = project("value")(kv_BKD)
+    # Scores and softmax in float32 whatever the compute dtype: bf16 softmax loses mass.
+    scores_BHQK = jnp.einsum("bqhd,bkhd->bhqk", q_BQHK, k_BKHK).astype(jnp.float32)
+    scores_BHQK = jnp.where(mask_BHQK, scores_BHQK, jnp.finfo(jnp.float32).min)
+    probs_BHQK = jax.nn.softmax(scores_BHQK, axis=-1).astype(c.dtype)
+    probs_BHQK = nn.Dropout(c.attention_dropout_rate)(probs_BHQK, deterministic=deterministic)
+    out_BQHK = jnp.einsum("bhqk,bkhd->bqhd", probs_BHQK, v_BKHK)
+    out_BQHK = nn.with_logical_constraint(out_BQHK, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.KV))
+    return nn.DenseGeneral(
+        features=c.hidden_size,
+        axis=(-2, -1),
+        dtype=c.dtype,
+        param_dtype=c.param_dtype,
+        kernel_init=init.weights(c, (axes.HEADS, axes.KV, axes.EMBED)),
+        bias_init=init.zeros((axes.EMBED,)),
+        name="out",
+    )(out_BQHK)
+
+
+def padding_mask(input_ids_BL: jax.Array, pad_id: int = 0) -> jax.Array:
+  """`[B, 1, 1, L]`: every query may attend to every non-padding key."""
+  return (input_ids_BL != pad_id)[:, None, None, :]

@@ -1,0 +1,64 @@
+"""Pretraining heads. Each takes the encoder output and the batch, returns float32 logits."""
+
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm.models import axes, init
+from jaxlm.models.config import ModelConfig
+from jaxlm.models.encoder import EncoderOutput
+
+
+class MlmHead(nn.Module):
+  """BERT's MLM head, evaluated only at the predicted positions (`batch['mlm_positions']`).
+
+  dense -> GELU -> LayerNorm -> projection tied to the token embedding + a per-token bias.
+  Computing logits at P predicted positions instead of all L saves (L - P) x hidden x vocab
+  multiply-adds per sequence, the largest single cost of a small encoder's step.
+  """
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(
+      self, encoded: EncoderOutput, batch: Mapping[str, jax.Array], deterministic: bool
+  ) -> jax.Array:
+    c = self.config
+    positions_BP = batch["mlm_positions"]
+    h_BPD = jnp.take_along_axis(encoded.sequence_BLD, positions_BP[..., None], axis=1)
+    h_BPD = nn.Dense(
+        c.hidden_size,
+        dtype=c.dtype,
+        param_dtype=c.param_dtype,
+        kernel_init=init.weights(c, (axes.EMBED, axes.EMBED_OUT)),
+        bias_init=init.zeros((axes.EMBED_OUT,)),
+        name="transform",
+    )(h_BPD)
+    h_BPD = init.layer_norm(c, "layer_norm")(nn.gelu(h_BPD, approximate=False))
+    table_VD = encoded.token_table_VD.astype(c.dtype)
+    logits_BPV = jnp.einsum("bpd,vd->bpv", h_BPD, table_VD).astype(jnp.float32)
+    bias_V = self.param("bias", init.zeros((axes.VOCAB,)), (c.vocab_size,), c.param_dtype)
+    logits_BPV = logits_BPV + bias_V.astype(jnp.float32)
+    return nn.with_logical_constraint(logits_BPV, (axes.BATCH, axes.PREDICTIONS, axes.VOCAB))
+
+
+class NspHead(nn.Module):
+  """Next sentence prediction: two logits (0 = B follows A, 1 = B is random) from the pooler."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(
+      self, encoded: EncoderOutput, batch: Mapping[str, jax.Array], deterministic: bool
+  ) -> jax.Array:
+    c = self.config
+    return nn.Dense(
+        2,
+        dtype=c.dtype,
+        param_dtype=c.param_dtype,
+        kernel_init=init.weights(c, (axes.EMBED, axes.CLASSES)),
+        bias_init=init.zeros((axes.CLASSES,)),
+        name="classifier",
+    )(encoded.pooled_BD).astype(jnp.float32)

@@ -1,0 +1,57 @@
+"""One Transformer layer: self-attention and a GELU MLP, post-LN (BERT) or pre-LN."""
+
+import flax.linen as nn
+import jax
+
+from jaxlm.models import axes, init
+from jaxlm.models.attention import MultiHeadAttention
+from jaxlm.models.config import ModelConfig
+
+
+class Mlp(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, h_BLD: jax.Array) -> jax.Array:
+    c = self.config
+    h_BLF = nn.Dense(
+        c.mlp_dim,
+        dtype=c.dtype,
+        param_dtype=c.param_dtype,
+        kernel_init=init.weights(c, (axes.EMBED, axes.MLP)),
+        bias_init=init.zeros((axes.MLP,)),
+        name="wi",
+    )(h_BLD)
+    h_BLF = nn.gelu(h_BLF, approximate=False)  # BERT's exact (erf) GELU.
+    h_BLF = nn.with_logical_constraint(h_BLF, (axes.BATCH, axes.LENGTH, axes.MLP))
+    return nn.Dense(
+        c.hidden_size,
+        dtype=c.dtype,
+        param_dtype=c.param_dtype,
+        kernel_init=init.weights(c, (axes.MLP, axes.EMBED)),
+        bias_init=init.zeros((axes.EMBED,)),
+        name="wo",
+    )(h_BLF)
+
+
+class TransformerLayer(nn.Module):
+  """Post-LN as in BERT (`x = LN(x + f(x))`), or pre-LN (`x = x + f(LN(x))`) when asked."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array, mask_BHQK: jax.Array, deterministic: bool) -> jax.Array:
+    c = self.config
+    attention = MultiHeadAttention(c, name="attention")
+    mlp = Mlp(c, name="mlp")
+    drop = nn.Dropout(c.dropout_rate)
+    if c.pre_layer_norm:
+      h = init.layer_norm(c, "attention_norm")(x_BLD)
+      x_BLD = x_BLD + drop(attention(h, h, mask_BHQK, deterministic), deterministic=deterministic)
+      h = init.layer_norm(c, "mlp_norm")(x_BLD)
+      x_BLD = x_BLD + drop(mlp(h), deterministic=deterministic)
+    else:
+      h = attention(x_BLD, x_BLD, mask_BHQK, deterministic)
+      x_BLD = init.layer_norm(c, "attention_norm")(x_BLD + drop(h, deterministic=deterministic))
+      x_BLD = init.layer_norm(c, "mlp_norm")(x_BLD + drop(mlp(x_BLD), deterministic=deterministic))
+    return nn.with_logical_constraint(x_BLD, (axes.BATCH, axes.LENGTH, axes.EMBED))
