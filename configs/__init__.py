@@ -1,0 +1,1 @@
+"""Reusable config pieces: the base config, model sizes, optimizer presets, mesh presets."""

@@ -5,7 +5,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxlm.models import axes, init
+from jaxlm.models import init
+from jaxlm.parallel import axes
 from jaxlm.models.attention import padding_mask
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.embeddings import Embeddings

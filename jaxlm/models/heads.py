@@ -6,7 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm.models import axes, init
+from jaxlm.models import init
+from jaxlm.parallel import axes
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.encoder import EncoderOutput
 

@@ -2,7 +2,7 @@
 
 import flax.linen as nn
 
-from jaxlm.models import axes
+from jaxlm.parallel import axes
 from jaxlm.models.config import ModelConfig
 
 

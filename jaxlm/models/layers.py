@@ -3,7 +3,8 @@
 import flax.linen as nn
 import jax
 
-from jaxlm.models import axes, init
+from jaxlm.models import init
+from jaxlm.parallel import axes
 from jaxlm.models.attention import MultiHeadAttention
 from jaxlm.models.config import ModelConfig
 

@@ -1,0 +1,36 @@
+"""BERT model sizes (Turc et al. 2019 for the small ones; Devlin et al. 2019 for base/large)."""
+
+import ml_collections
+
+# name: (layers, hidden, heads). The MLP is 4 x hidden, as in every BERT.
+SIZES = {
+    "tiny": (2, 128, 2),
+    "mini": (4, 256, 4),
+    "small": (4, 512, 8),
+    "medium": (8, 512, 8),
+    "base": (12, 768, 12),
+    "large": (24, 1024, 16),
+}
+
+
+def bert(size: str, vocab_size: int = 30522) -> ml_collections.ConfigDict:
+  """`config.model` for a BERT of the given size. Every key is read by `ModelConfig`."""
+  layers, hidden, heads = SIZES[size]
+  return ml_collections.ConfigDict(
+      dict(
+          vocab_size=vocab_size,  # Rows of the embedding; the tokenizer may not exceed it.
+          hidden_size=hidden,
+          num_layers=layers,
+          num_heads=heads,
+          mlp_dim=4 * hidden,
+          max_position=512,  # Rows of the position table: the longest data.seq_len allowed.
+          type_vocab_size=2,  # Segment A / segment B.
+          dropout_rate=0.1,  # On embeddings, attention output and MLP output.
+          attention_dropout_rate=0.1,  # On attention probabilities.
+          pre_layer_norm=False,  # False: BERT's post-LN. True: pre-LN (+ a final LayerNorm).
+          layer_norm_eps=1e-12,
+          initializer_range=0.02,  # Stddev of the truncated normal for every weight.
+          dtype="float32",  # Compute dtype: float32 | bfloat16 | float16.
+          param_dtype="float32",  # Storage dtype of parameters and optimizer state.
+      )
+  )

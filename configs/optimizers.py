@@ -1,0 +1,20 @@
+"""Optimizer presets for `config.optimizer`."""
+
+import ml_collections
+
+
+def adamw_bert(learning_rate: float = 1e-4, warmup_steps: int = 10_000) -> ml_collections.ConfigDict:
+  """BERT's optimizer: AdamW (b1 0.9, b2 0.999, eps 1e-6, decay 0.01), clip 1.0, linear decay."""
+  return ml_collections.ConfigDict(
+      dict(
+          learning_rate=learning_rate,  # Peak, reached at the end of warm-up.
+          warmup_steps=warmup_steps,  # Linear warm-up from 0.
+          decay="linear",  # After warm-up: linear | cosine | constant, over train.steps.
+          end_learning_rate_ratio=0.0,  # Final learning rate as a fraction of the peak.
+          b1=0.9,
+          b2=0.999,
+          eps=1e-6,
+          weight_decay=0.01,  # Decoupled; never on LayerNorm parameters or biases.
+          clip_norm=1.0,  # Global gradient-norm clipping; 0 disables it.
+      )
+  )

@@ -1,0 +1,114 @@
+"""The sentencepiece tokenizer: trained by jaxlm, with BERT's special tokens at fixed ids.
+
+sentencepiece's own defaults (pad -1, bos 1, eos 2) do not fit an encoder: a pad id of -1 makes
+`jnp.take` read the last embedding row. Every special id is therefore set explicitly and checked
+when a model is loaded.
+"""
+
+import io
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+from jaxlm.errors import UserError
+
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
+SPECIAL_PIECES = {"[PAD]": PAD_ID, "[UNK]": UNK_ID, "[CLS]": CLS_ID, "[SEP]": SEP_ID, "[MASK]": MASK_ID}
+NUM_SPECIAL = len(SPECIAL_PIECES)
+MODEL_TYPES = ("unigram", "bpe")
+_WORD_START = "\u2581"  # sentencepiece's "▁", which marks a piece that begins a word.
+
+
+def train(
+    lines: Iterable[str],
+    path: str,
+    *,
+    vocab_size: int,
+    model_type: str = "unigram",
+    max_sentences: int = 2_000_000,
+    seed_sentences: int = 1_000_000,
+) -> "Tokenizer":
+  """Trains a model on `lines` and writes it to `path` atomically (a killed run leaves none)."""
+  if model_type not in MODEL_TYPES:
+    raise UserError(f"Unknown tokenizer type '{model_type}': use one of {MODEL_TYPES}.")
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(lines),
+      model_writer=model,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      pad_id=PAD_ID,
+      pad_piece="[PAD]",
+      unk_id=UNK_ID,
+      unk_piece="[UNK]",
+      bos_id=-1,
+      eos_id=-1,
+      # Control symbols get fixed ids after pad/unk and are never produced from raw text, so a
+      # literal "[MASK]" in a document stays text.
+      control_symbols=["[CLS]", "[SEP]", "[MASK]"],
+      hard_vocab_limit=False,
+      character_coverage=0.9995,
+      input_sentence_size=max_sentences,
+      seed_sentencepiece_size=seed_sentences,
+      shuffle_input_sentence=True,
+      num_threads=os.cpu_count() or 1,
+      minloglevel=2,
+  )
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix=".tmp") as f:
+    f.write(model.getvalue())
+  os.replace(f.name, path)
+  return Tokenizer(path)
+
+
+class Tokenizer:
+  """Encodes text to ids and back; knows which pieces start a word (for whole-word masking)."""
+
+  def __init__(self, path: str):
+    if not os.path.isfile(path):
+      raise UserError(
+          f"Tokenizer model not found: '{path}'. Set data.tokenizer to a sentencepiece .model "
+          "file, or leave it empty to train one from the training files."
+      )
+    self.path = path
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      self._sp.Load(path)
+    except (OSError, RuntimeError) as e:
+      raise UserError(f"'{path}' is not a sentencepiece model ({e}).") from None
+    for piece, want in SPECIAL_PIECES.items():
+      got = self._sp.PieceToId(piece)
+      if got != want or self._sp.IdToPiece(want) != piece:
+        raise UserError(
+            f"Tokenizer '{path}' has '{piece}' at id {got}, but jaxlm needs it at id {want} "
+            "(pad 0, unk 1, cls 2, sep 3, mask 4). Train it with jaxlm (leave data.tokenizer "
+            "empty) so every special id is fixed."
+        )
+    pieces = [self._sp.IdToPiece(i) for i in range(self.vocab_size)]
+    self.word_start = np.array([_starts_word(p) for p in pieces], dtype=bool)
+    self.word_start[:NUM_SPECIAL] = True
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.GetPieceSize()
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.EncodeAsIds(text)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return self._sp.Encode(list(texts), out_type=int)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._sp.DecodeIds([int(i) for i in ids if int(i) >= NUM_SPECIAL])
+
+  def id_to_piece(self, i: int) -> str:
+    return self._sp.IdToPiece(int(i))
+
+
+def _starts_word(piece: str) -> bool:
+  """A piece starts a word if it carries "▁" or is punctuation (never a word's inner part)."""
+  return piece.startswith(_WORD_START) or not piece[:1].isalnum()

@@ -1,0 +1,110 @@
+"""What an objective is, and the registry that finds one by name.
+
+An objective owns everything about itself: its config keys (`objectives.<name>.*`), how it
+corrupts a batch on the host, which model head it needs, and its loss and metrics. Adding one
+is one new file here that calls `register`; the train step and the loader never name it.
+"""
+
+import abc
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxlm.errors import UserError, closest
+
+Batch = dict[str, np.ndarray]
+# Metric name -> (sum, count) over the batch; the logged value is sum / count, so metrics add up
+# exactly over steps, micro-batches and hosts.
+Aux = dict[str, tuple[jax.Array, jax.Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """What objectives may know about the data: the tokenizer's size and word boundaries."""
+
+  vocab_size: int  # Of the tokenizer (random replacement tokens are drawn below it).
+  seq_len: int
+  word_start: np.ndarray  # [vocab_size] bool: piece begins a word.
+
+
+class Objective(abc.ABC):
+  """One pretraining objective. Subclasses set `name`, `head` and `default_options`."""
+
+  name: ClassVar[str]
+  head: ClassVar[type[nn.Module] | None] = None
+  default_options: ClassVar[Mapping[str, Any]] = {}
+
+  def __init__(self, options: ml_collections.ConfigDict, data: DataSpec):
+    self.options = options
+    self.weight = float(options.weight)
+    self.data = data
+
+  def example_options(self) -> dict[str, Any]:
+    """Options for building examples this objective needs (e.g. NSP's random-next pairs)."""
+    return {}
+
+  def host_transform(self, batch: Batch, rngs: Sequence[np.random.Generator]) -> Batch:
+    """Corrupts a host batch (numpy), one Generator per example. Default: unchanged."""
+    return batch
+
+  @abc.abstractmethod
+  def loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Aux]:
+    """Returns the mean loss over the batch and the `(sum, count)` metrics."""
+
+
+_REGISTRY: dict[str, type[Objective]] = {}
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+  _REGISTRY[cls.name] = cls
+  return cls
+
+
+def registered() -> dict[str, type[Objective]]:
+  return dict(_REGISTRY)
+
+
+def build_objectives(config: ml_collections.ConfigDict, data: DataSpec) -> list[Objective]:
+  """The enabled objectives (weight > 0), in config order. Unknown names are an error."""
+  enabled = []
+  for name, options in config.items():
+    if name not in _REGISTRY:
+      raise UserError(
+          f"Unknown objective '{name}' in config.objectives.{closest(name, _REGISTRY)} "
+          f"Registered: {sorted(_REGISTRY)}."
+      )
+    unknown = set(options) - set(_REGISTRY[name].default_options)
+    if unknown:
+      key = sorted(unknown)[0]
+      raise UserError(
+          f"Unknown key objectives.{name}.{key}.{closest(key, _REGISTRY[name].default_options)}"
+      )
+    if options.weight < 0:
+      raise UserError(f"objectives.{name}.weight is {options.weight}; use 0 to disable it.")
+    if options.weight > 0:
+      enabled.append(_REGISTRY[name](options, data))
+  if not enabled:
+    raise UserError("Every objective has weight 0: enable one, e.g. --config.objectives.mlm.weight=1.")
+  return enabled
+
+
+def mean_cross_entropy(
+    logits: jax.Array, labels: jax.Array, weights: jax.Array, prefix: str
+) -> tuple[jax.Array, Aux]:
+  """Weighted token cross-entropy and accuracy, as a mean loss and `(sum, count)` metrics."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  count = jnp.sum(weights)
+  loss_sum = jnp.sum(nll * weights)
+  aux = {
+      f"{prefix}_loss": (loss_sum, count),
+      f"{prefix}_accuracy": (jnp.sum(correct * weights), count),
+  }
+  return loss_sum / jnp.maximum(count, 1.0), aux

@@ -1,0 +1,28 @@
+"""Next sentence prediction, as in BERT: is segment B the text that follows A?
+
+Config `objectives.nsp`: `weight` and `random_next_prob` (how often B comes from another
+document). The pairs themselves are built by `jaxlm.data.examples`; this objective only asks for
+random-next pairs and scores the NSP head.
+"""
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.models.heads import NspHead
+from jaxlm.objectives.base import Aux, Objective, mean_cross_entropy, register
+
+
+@register
+class NextSentencePrediction(Objective):
+  name = "nsp"
+  head = NspHead
+  default_options = dict(weight=1.0, random_next_prob=0.5)
+
+  def example_options(self) -> dict:
+    return {"random_next_prob": float(self.options.random_next_prob)}
+
+  def loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Aux]:
+    labels = batch["next_sentence_label"]
+    return mean_cross_entropy(outputs["nsp"], labels, jnp.ones(labels.shape, jnp.float32), "nsp")
