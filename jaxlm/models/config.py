@@ -6,6 +6,8 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
+from jaxlm.errors import UserError
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -37,8 +39,8 @@ class ModelConfig:
     """Builds the dataclass from `config.model` (dtype names become jnp dtypes)."""
     values = dict(model)
     for key in ("dtype", "param_dtype"):
+      if values[key] not in _DTYPES:
+        raise UserError(f"model.{key} is '{values[key]}'; use one of {tuple(_DTYPES)}.")
       values[key] = _DTYPES[values[key]]
     return cls(**values)
 
-
-DTYPE_NAMES = tuple(_DTYPES)

@@ -53,6 +53,10 @@ class Objective(abc.ABC):
     """Corrupts a host batch (numpy), one Generator per example. Default: unchanged."""
     return batch
 
+  def flops_per_token(self, model: Any) -> float:
+    """Training FLOPs per input token of this objective's head (for MFU)."""
+    return 0.0
+
   @abc.abstractmethod
   def loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Aux]:
     """Returns the mean loss over the batch and the `(sum, count)` metrics."""

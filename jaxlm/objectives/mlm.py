@@ -48,5 +48,10 @@ class MaskedLm(Objective):
     )
     return {**batch, **masked}
 
+  def flops_per_token(self, model) -> float:
+    d = model.hidden_size
+    per_prediction = 6 * (d * model.vocab_size + d * d)
+    return per_prediction * self.masking.max_predictions / self.data.seq_len
+
   def loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Aux]:
     return mean_cross_entropy(outputs["mlm"], batch["mlm_ids"], batch["mlm_weights"], "mlm")

@@ -1,0 +1,91 @@
+"""What every `python -m jaxlm.<verb>` entry point shares: flag parsing that turns config
+mistakes into plain messages, `UserError`s printed without traceback, and multi-host start-up."""
+
+import difflib
+import re
+import sys
+from collections.abc import Callable
+
+from absl import app, flags, logging
+
+from jaxlm.errors import UserError
+
+_COORDINATOR = "coordinator_address"
+
+
+def define_distributed_flags() -> None:
+  flags.DEFINE_string(_COORDINATOR, None, "HOST:PORT of process 0, for several processes.")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (hosts) in the run.")
+  flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.")
+
+
+def initialize_distributed() -> None:
+  """Starts `jax.distributed` when asked, or when a TPU pod / SLURM environment provides it."""
+  import os
+
+  import jax
+
+  if flags.FLAGS[_COORDINATOR].value:
+    jax.distributed.initialize(
+        coordinator_address=flags.FLAGS[_COORDINATOR].value,
+        num_processes=flags.FLAGS.num_processes,
+        process_id=flags.FLAGS.process_id,
+    )
+  elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize()
+  elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+    jax.distributed.initialize()
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with config mistakes reported as one plain paragraph."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.UnrecognizedFlagError, AttributeError, KeyError) as e:
+    name = getattr(e, "flagname", None) or _first_unknown_override(argv)
+    if name and name.startswith("config."):
+      # config_flags registers one flag per existing config key: those are the valid keys.
+      known = [n[len("config."):] for n in flags.FLAGS if n.startswith("config.")]
+      key = name[len("config."):]
+      near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+      suggested = re.search(r'Did you mean "([^"]+)"', str(e))  # ml_collections' own hint.
+      if not near and suggested:
+        near = [".".join(key.split(".")[:-1] + [suggested.group(1)])]
+      hint = f" Did you mean '{near[0]}'?" if near else ""
+      _fail(f"Unknown config key '{key}' (from --{name}): the config has no such key.{hint} "
+            "Every key is listed, with its meaning, in configs/base.py.")
+    if name:
+      _fail(f"Unknown flag --{name}. Run with --helpfull to list the flags.")
+    _fail(f"Bad command-line override: {e}.")
+  except flags.Error as e:
+    _fail(f"{e}. Run with --helpfull to list the flags.")
+  except (TypeError, ValueError) as e:
+    _fail(f"Bad command-line override: {e}.")
+
+
+def _first_unknown_override(argv: list[str]) -> str | None:
+  for arg in argv[1:]:
+    name = arg.lstrip("-").split("=", 1)[0]
+    if name.startswith("config.") and name not in flags.FLAGS:
+      return name
+  return None
+
+
+def _fail(message: str) -> None:
+  print(f"Error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def run(main: Callable[[list[str]], None]) -> int:
+  """Runs `main` under absl; a UserError exits 1 with its message and no traceback."""
+
+  def guarded(argv):
+    try:
+      main(argv)
+    except UserError as e:
+      logging.flush()
+      print(f"Error: {e}", file=sys.stderr)
+      sys.exit(1)
+
+  app.run(guarded, flags_parser=_parse_flags)
+  return 0

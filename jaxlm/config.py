@@ -1,0 +1,38 @@
+"""Checks of the resolved config that need more than one key, made before any compute."""
+
+import ml_collections
+
+from jaxlm.errors import UserError
+
+DECAYS = ("linear", "cosine", "constant")  # Learning-rate decays after warm-up.
+
+
+def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
+  """Raises UserError with one clear message for the first impossible setting found."""
+  t, d, m, o = config.train, config.data, config.model, config.optimizer
+  for key in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+              "eval_batches", "max_consecutive_skips"):
+    if t[key] <= 0:
+      raise UserError(f"train.{key} is {t[key]}; it must be a positive integer.")
+  if d.seq_len < 8:
+    raise UserError(f"data.seq_len is {d.seq_len}; it must be at least 8.")
+  if d.seq_len > m.max_position:
+    raise UserError(
+        f"data.seq_len ({d.seq_len}) exceeds model.max_position ({m.max_position}): positions past "
+        "the table have no embedding. Lower data.seq_len or raise model.max_position."
+    )
+  if d.batch_size <= 0 or d.batch_size % process_count:
+    raise UserError(
+        f"data.batch_size ({d.batch_size}) must be positive and divisible by the "
+        f"{process_count} processes."
+    )
+  if not 0.0 <= d.short_seq_prob <= 1.0 or not 0.0 < d.eval_fraction < 1.0:
+    raise UserError("data.short_seq_prob must be in [0, 1] and data.eval_fraction in (0, 1).")
+  if m.hidden_size % m.num_heads:
+    raise UserError(
+        f"model.hidden_size ({m.hidden_size}) is not divisible by model.num_heads ({m.num_heads})."
+    )
+  if o.decay not in DECAYS:
+    raise UserError(f"optimizer.decay is '{o.decay}'; use one of {DECAYS}.")
+  if o.learning_rate <= 0 or o.warmup_steps < 0:
+    raise UserError("optimizer.learning_rate must be positive and optimizer.warmup_steps >= 0.")

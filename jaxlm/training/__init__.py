@@ -1,0 +1,1 @@
+"""Composes everything: train state, optax chain, train/eval steps, loop, checkpoints, metrics."""

@@ -1,0 +1,261 @@
+"""The training loop: set up, resume, step, log, evaluate, checkpoint.
+
+Resume order: the newest checkpoint in `<workdir>/checkpoints` that restores, else a fresh
+start. The data position is the step (the loader is a pure function of it), so restoring the
+state restores the data stream too.
+"""
+
+import functools
+import json
+import os
+import tempfile
+import time
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from jaxlm import config as config_lib
+from jaxlm.data import loader as loader_lib, setup as data_setup
+from jaxlm.errors import UserError
+from jaxlm.models import ModelConfig, Pretrainer
+from jaxlm.objectives import DataSpec, build_objectives
+from jaxlm.parallel import mesh as mesh_lib, rules as rules_lib
+from jaxlm.training import checkpoints, flops, optimizer, state as state_lib, step as step_lib
+from jaxlm.training.metrics import MetricWriter
+
+
+class TrainingStopped(UserError):
+  """The run stopped itself (non-finite values); the last good checkpoint is kept."""
+
+
+def prepare_workdir(workdir: str) -> None:
+  """Creates the workdir and proves it is writable now, not after hours of training."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
+      pass
+  except OSError as e:
+    raise UserError(f"The workdir '{workdir}' is not writable ({e.strerror}). Choose another "
+                    "--workdir or fix its permissions / free disk space.") from None
+
+
+def _global_batch(host_batch, sharding, process_count):
+  return {
+      k: jax.make_array_from_process_local_data(
+          sharding, v, (v.shape[0] * process_count,) + v.shape[1:])
+      for k, v in host_batch.items()
+  }
+
+
+def _ratios(sums: dict[str, float], prefix: str = "") -> dict[str, float]:
+  """`name/sum` and `name/count` pairs to `prefix + name` = sum / count."""
+  out = {}
+  for key, value in sums.items():
+    if key.endswith("/sum"):
+      name = key[: -len("/sum")]
+      out[prefix + name] = value / max(sums[name + "/count"], 1e-9)
+  return out
+
+
+class _Interval:
+  """Metrics of the steps since the last log row, fetched one step late."""
+
+  def __init__(self):
+    self.reset()
+
+  def reset(self):
+    self.sums: dict[str, float] = {}
+    self.steps = 0
+    self.skipped = 0
+    self.last: dict[str, float] = {}
+    self.started = time.perf_counter()
+
+  def add(self, metrics: dict[str, np.ndarray]) -> None:
+    self.steps += 1
+    self.skipped += int(metrics["skipped"])
+    for key, value in metrics.items():
+      value = float(value)
+      if "/" in key:
+        self.sums[key] = self.sums.get(key, 0.0) + value
+      else:
+        self.sums[key + "/sum"] = self.sums.get(key + "/sum", 0.0) + value
+        self.sums[key + "/count"] = self.sums.get(key + "/count", 0.0) + 1.0
+        self.last[key] = value
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) the run described by `config` in `workdir`; returns the last row."""
+  process_index, process_count = jax.process_index(), jax.process_count()
+  is_main = process_index == 0
+  config_lib.validate(config, process_count)
+  prepare_workdir(workdir)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  t, d = config.train, config.data
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = rules_lib.rules_from_config(config.mesh)
+  model_config = ModelConfig.from_config(config.model)
+
+  train_text, eval_text = data_setup.load_corpora(d, t.seed)
+  tokenizer = data_setup.run_tokenizer(d, model_config.vocab_size, workdir, train_text,
+                                       may_write=is_main)
+  if process_count > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("tokenizer")
+    tokenizer = data_setup.run_tokenizer(d, model_config.vocab_size, workdir, train_text,
+                                         may_write=False)
+  spec = DataSpec(vocab_size=tokenizer.vocab_size, seq_len=d.seq_len,
+                  word_start=tokenizer.word_start)
+  objectives = build_objectives(config.objectives, spec)
+  example_options = {"random_next_prob": 0.0}
+  for objective in objectives:
+    example_options.update(objective.example_options())
+
+  def stream(text, seed):
+    return loader_lib.ExampleStream(data_setup.tokenize(text, tokenizer), seq_len=d.seq_len,
+                                    short_seq_prob=d.short_seq_prob, seed=seed, **example_options)
+
+  transforms = [(o.name, o.host_transform) for o in objectives]
+  loaders = {
+      name: loader_lib.BatchLoader(
+          stream(text, t.seed + stream_id), global_batch_size=d.batch_size, transforms=transforms,
+          seed=t.seed, stream_id=stream_id, process_index=process_index,
+          process_count=process_count)
+      for name, text, stream_id in (("train", train_text, loader_lib.TRAIN_STREAM),
+                                    ("eval", eval_text, loader_lib.EVAL_STREAM))
+  }
+  logging.info("Examples per epoch: train %d, eval %d; tokenizer %d pieces",
+               loaders["train"]._stream.epoch_size, loaders["eval"]._stream.epoch_size,
+               tokenizer.vocab_size)
+
+  model = Pretrainer(model_config, heads=tuple((o.name, o.head) for o in objectives if o.head))
+  tx, schedule = optimizer.make_optimizer(config.optimizer, t.steps)
+  first = loaders["train"].batch(0)
+  global_shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * process_count,) + v.shape[1:], v.dtype)
+                   for k, v in first.items()}
+  init_batch = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype) for k, v in first.items()}
+  batch_sharding = rules_lib.batch_sharding(mesh, rules)
+  replicated = rules_lib.replicated(mesh)
+  root_rng = jax.random.key(t.seed)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract, shardings = state_lib.abstract_state(model, tx, init_batch, mesh, rules)
+    checkpointer = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                            keep=t.keep_checkpoints)
+    restored = checkpointer.restore_newest(abstract)
+    if restored is None:
+      state = state_lib.init_state(jax.random.fold_in(root_rng, 0), model, tx, init_batch, shardings)
+      start = 0
+    else:
+      state, position = restored
+      start = int(state.step)
+      if position.get("global_batch_size") != d.batch_size:
+        logging.warning("Resuming with data.batch_size %d, saved with %s: the data stream moves.",
+                        d.batch_size, position.get("global_batch_size"))
+      logging.info("Resumed from the checkpoint at step %d", start)
+    logging.info(
+        "Parameters: %d (%.1f MiB per device); optimizer state: %.1f MiB per device; mesh %s",
+        sum(x.size for x in jax.tree_util.tree_leaves(abstract.params)),
+        state_lib.bytes_per_device(state.params) / 2**20,
+        state_lib.bytes_per_device(state.opt_state) / 2**20, dict(mesh.shape))
+
+    train_fn = jax.jit(
+        functools.partial(step_lib.train_step, model=model, objectives=objectives, tx=tx,
+                          schedule=schedule),
+        in_shardings=(shardings, batch_sharding, replicated),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(
+        functools.partial(step_lib.eval_step, model=model, objectives=objectives),
+        in_shardings=(shardings.params, batch_sharding),
+        out_shardings=replicated,
+    )
+    dropout_rng = jax.device_put(jax.random.fold_in(root_rng, 1), replicated)
+    compile_start = time.perf_counter()
+    train_compiled = train_fn.lower(abstract, global_shapes, dropout_rng).compile()
+    logging.info("Train step compiled in %.1f s", time.perf_counter() - compile_start)
+
+    tokens_per_step = d.batch_size * d.seq_len
+    flops_per_token = flops.encoder_flops_per_token(model_config, d.seq_len) + sum(
+        o.flops_per_token(model_config) for o in objectives)
+    peak = flops.peak_flops_per_device(t.peak_tflops_per_device) * jax.device_count()
+
+    def evaluate(params) -> dict[str, float]:
+      sums: dict[str, float] = {}
+      for k in range(t.eval_batches):
+        batch = _global_batch(loaders["eval"].batch(k), batch_sharding, process_count)
+        for key, value in jax.device_get(eval_fn(params, batch)).items():
+          sums[key] = sums.get(key, 0.0) + float(value)
+      return _ratios(sums, "eval/")
+
+    writer = MetricWriter(workdir, resume_step=start, enabled=is_main)
+    interval = _Interval()
+    consecutive_skips = 0
+    last_row: dict[str, float] = {}
+    pending = None
+    progress = tqdm(total=t.steps, initial=start, disable=not is_main, unit="step",
+                    dynamic_ncols=True)
+    try:
+      for step, host_batch in loaders["train"].iterate(start, t.steps):
+        batch = _global_batch(host_batch, batch_sharding, process_count)
+        state, metrics = train_compiled(state, batch, dropout_rng)
+        if pending is not None:
+          consecutive_skips = _account(interval, pending, consecutive_skips, t, checkpointer)
+        pending = metrics
+        done = step + 1
+        progress.update(1)
+        if done == 1 or done % t.log_every == 0 or done == t.steps:
+          consecutive_skips = _account(interval, pending, consecutive_skips, t, checkpointer)
+          pending = None
+          elapsed = time.perf_counter() - interval.started
+          tokens_per_sec = interval.steps * tokens_per_step / max(elapsed, 1e-9)
+          row = _ratios(interval.sums)
+          row.update(
+              learning_rate=interval.last["learning_rate"],
+              tokens_per_sec=tokens_per_sec,
+              mfu=flops_per_token * tokens_per_sec / peak if peak else 0.0,
+              skipped_steps=interval.skipped,
+          )
+          row.pop("skipped", None)
+          writer.write(done, row)
+          last_row = row
+          progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
+          interval.reset()
+        if done % t.eval_every == 0 or done == t.steps:
+          eval_row = evaluate(state.params)
+          writer.write(done, eval_row)
+          last_row = {**last_row, **eval_row}
+          logging.info("step %d: %s", done, json.dumps({k: round(v, 4) for k, v in eval_row.items()}))
+          interval.started = time.perf_counter()  # Eval time is not training throughput.
+        if done % t.checkpoint_every == 0 or done == t.steps:
+          checkpointer.save(done, state, {"step": done, "global_batch_size": d.batch_size})
+      checkpointer.wait()
+    finally:
+      progress.close()
+      writer.close()
+      checkpointer.close()
+  return last_row
+
+
+def _account(interval: _Interval, metrics, consecutive_skips: int, t, checkpointer) -> int:
+  """Adds one step's fetched metrics; stops the run after too many non-finite steps in a row."""
+  host = jax.device_get(metrics)
+  interval.add(host)
+  consecutive_skips = consecutive_skips + 1 if int(host["skipped"]) else 0
+  if consecutive_skips >= t.max_consecutive_skips:
+    steps = checkpointer.steps()
+    raise TrainingStopped(
+        f"Training stopped: the loss or gradients were non-finite (NaN/inf) for "
+        f"{consecutive_skips} consecutive steps; those updates were skipped. The learning rate "
+        f"(optimizer.learning_rate) is probably too high. The last good checkpoint "
+        f"({'step ' + str(steps[-1]) if steps else 'none yet'}) is left intact."
+    )
+  return consecutive_skips

@@ -1,0 +1,59 @@
+"""The optax chain: global-norm clipping, AdamW with a weight-decay mask, warm-up then decay."""
+
+import jax
+import ml_collections
+import optax
+
+from jaxlm.config import DECAYS
+from jaxlm.errors import UserError
+
+# Parameters whose name is one of these get weight decay; LayerNorm scales and biases do not.
+_DECAYED_NAMES = ("kernel", "embedding")
+
+
+def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0 to the peak, then `decay` to `end_learning_rate_ratio` x peak."""
+  peak = config.learning_rate
+  end = peak * config.end_learning_rate_ratio
+  decay_steps = max(1, total_steps - config.warmup_steps)
+  if config.decay == "linear":
+    after = optax.linear_schedule(peak, end, decay_steps)
+  elif config.decay == "cosine":
+    after = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.end_learning_rate_ratio)
+  elif config.decay == "constant":
+    after = optax.constant_schedule(peak)
+  else:
+    raise UserError(f"optimizer.decay is '{config.decay}'; use one of {DECAYS}.")
+  if config.warmup_steps <= 0:
+    return after
+  warmup = optax.linear_schedule(0.0, peak, config.warmup_steps)
+  return optax.join_schedules([warmup, after], [config.warmup_steps])
+
+
+def decay_mask(params):
+  """True for weight matrices and embeddings, False for LayerNorm parameters and biases.
+
+  Works on plain and on `nn.Partitioned`-boxed trees: the decision is made on the last
+  dictionary key of each leaf's path (the parameter's name).
+  """
+
+  def decayed(path, _):
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return bool(names) and names[-1] in _DECAYED_NAMES
+
+  return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  schedule = make_schedule(config, total_steps)
+  parts = []
+  if config.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(config.clip_norm))
+  parts += [
+      optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
+      optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+      optax.scale_by_learning_rate(schedule),
+  ]
+  return optax.chain(*parts), schedule

@@ -1,0 +1,80 @@
+"""The train state and its creation, born sharded over the mesh.
+
+Shardings are derived, never written by hand: `jax.eval_shape` of the initialiser gives the
+parameter tree with its logical axis names, the rules turn those into mesh shardings, and the
+initialiser is then jitted with those `out_shardings`, so no parameter ever exists unsharded.
+"""
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxlm.parallel import rules as rules_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken, also the data position.
+  params: Any
+  opt_state: Any
+
+
+def _init_boxed(rng, *, model: nn.Module, tx: optax.GradientTransformation, batch) -> TrainState:
+  params = model.init({"params": rng}, batch, deterministic=True)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def _init(rng, **kwargs) -> TrainState:
+  return nn.meta.unbox(_init_boxed(rng, **kwargs))
+
+
+def abstract_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    batch: Mapping[str, jax.ShapeDtypeStruct],
+    mesh: jax.sharding.Mesh,
+    rules: rules_lib.Rules,
+) -> tuple[TrainState, TrainState]:
+  """Returns `(abstract_state, shardings)`: shapes, dtypes and shardings of every leaf."""
+  boxed = jax.eval_shape(
+      functools.partial(_init_boxed, model=model, tx=tx, batch=batch), jax.random.key(0)
+  )
+  shardings = rules_lib.logical_shardings(boxed, mesh, rules)
+  rules_lib.check_divisible(nn.meta.unbox(boxed).params, shardings.params, mesh)
+  abstract = jax.tree_util.tree_map(
+      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+      nn.meta.unbox(boxed),
+      shardings,
+  )
+  return abstract, shardings
+
+
+def init_state(
+    rng: jax.Array,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    batch: Mapping[str, jax.ShapeDtypeStruct],
+    shardings: TrainState,
+) -> TrainState:
+  """Initialises parameters and optimizer state directly in their shardings."""
+  init = jax.jit(
+      functools.partial(_init, model=model, tx=tx, batch=batch), out_shardings=shardings
+  )
+  return init(rng)
+
+
+def bytes_per_device(tree) -> int:
+  """Bytes of `tree`'s shards on the first local device (to show what FSDP saves)."""
+  device = jax.local_devices()[0]
+  total = 0
+  for leaf in jax.tree_util.tree_leaves(tree):
+    for shard in leaf.addressable_shards:
+      if shard.device == device:
+        total += shard.data.nbytes
+  return total
