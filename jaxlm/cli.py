@@ -76,10 +76,19 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
+class _QuietLibraries:
+  """Drops INFO lines of orbax (dozens per checkpoint) from absl's log; warnings stay."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= logging.converter.ABSL_TO_STANDARD[logging.WARNING] or (
+        "orbax" not in record.pathname)
+
+
 def run(main: Callable[[list[str]], None]) -> int:
   """Runs `main` under absl; a UserError exits 1 with its message and no traceback."""
 
   def guarded(argv):
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     try:
       main(argv)
     except UserError as e:

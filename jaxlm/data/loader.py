@@ -94,6 +94,10 @@ class BatchLoader:
     per_process = global_batch_size // process_count
     self._rows = np.arange(per_process * process_index, per_process * (process_index + 1))
 
+  @property
+  def epoch_size(self) -> int:
+    return self._stream.epoch_size
+
   def batch(self, step: int) -> Batch:
     """This process's rows of the global batch of `step`."""
     examples = self._stream.take(step * self._batch + self._rows)

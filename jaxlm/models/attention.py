@@ -14,6 +14,30 @@ from jaxlm.parallel import axes
 from jaxlm.models.config import ModelConfig
 
 
+class Projection(nn.Module):
+  """`einsum(equation, x, kernel) + bias` with the kernel created at its full, named shape.
+
+  (Flax's DenseGeneral initialises a flattened kernel and reshapes it, which clashes with
+  logical names on a 3-d kernel.)
+  """
+
+  config: ModelConfig
+  equation: str
+  kernel_shape: tuple[int, ...]
+  kernel_axes: tuple[str, ...]
+  bias_axes: tuple[str, ...]
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    kernel = self.param("kernel", init.weights(c, self.kernel_axes), self.kernel_shape,
+                        c.param_dtype)
+    bias_shape = self.kernel_shape[-len(self.bias_axes):]
+    bias = self.param("bias", init.zeros(self.bias_axes), bias_shape, c.param_dtype)
+    y = jnp.einsum(self.equation, x.astype(c.dtype), kernel.astype(c.dtype))
+    return y + bias.astype(c.dtype)
+
+
 class MultiHeadAttention(nn.Module):
   config: ModelConfig
 
@@ -24,13 +48,12 @@ class MultiHeadAttention(nn.Module):
     c = self.config
 
     def project(name):
-      return nn.DenseGeneral(
-          features=(c.num_heads, c.head_dim),
-          axis=-1,
-          dtype=c.dtype,
-          param_dtype=c.param_dtype,
-          kernel_init=init.weights(c, (axes.EMBED, axes.HEADS, axes.KV)),
-          bias_init=init.zeros((axes.HEADS, axes.KV)),
+      return Projection(
+          c,
+          "bld,dhk->blhk",
+          (c.hidden_size, c.num_heads, c.head_dim),
+          (axes.EMBED, axes.HEADS, axes.KV),
+          (axes.HEADS, axes.KV),
           name=name,
       )
 
@@ -44,13 +67,12 @@ class MultiHeadAttention(nn.Module):
     probs_BHQK = nn.Dropout(c.attention_dropout_rate)(probs_BHQK, deterministic=deterministic)
     out_BQHK = jnp.einsum("bhqk,bkhd->bqhd", probs_BHQK, v_BKHK)
     out_BQHK = nn.with_logical_constraint(out_BQHK, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.KV))
-    return nn.DenseGeneral(
-        features=c.hidden_size,
-        axis=(-2, -1),
-        dtype=c.dtype,
-        param_dtype=c.param_dtype,
-        kernel_init=init.weights(c, (axes.HEADS, axes.KV, axes.EMBED)),
-        bias_init=init.zeros((axes.EMBED,)),
+    return Projection(
+        c,
+        "blhk,hkd->bld",
+        (c.num_heads, c.head_dim, c.hidden_size),
+        (axes.HEADS, axes.KV, axes.EMBED),
+        (axes.EMBED,),
         name="out",
     )(out_BQHK)
 

@@ -8,6 +8,7 @@ state restores the data stream too.
 import functools
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -132,8 +133,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                     ("eval", eval_text, loader_lib.EVAL_STREAM))
   }
   logging.info("Examples per epoch: train %d, eval %d; tokenizer %d pieces",
-               loaders["train"]._stream.epoch_size, loaders["eval"]._stream.epoch_size,
-               tokenizer.vocab_size)
+               loaders["train"].epoch_size, loaders["eval"].epoch_size, tokenizer.vocab_size)
 
   model = Pretrainer(model_config, heads=tuple((o.name, o.head) for o in objectives if o.head))
   tx, schedule = optimizer.make_optimizer(config.optimizer, t.steps)
@@ -201,7 +201,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     consecutive_skips = 0
     last_row: dict[str, float] = {}
     pending = None
-    progress = tqdm(total=t.steps, initial=start, disable=not is_main, unit="step",
+    interactive = is_main and sys.stderr.isatty()
+    progress = tqdm(total=t.steps, initial=start, disable=not interactive, unit="step",
                     dynamic_ncols=True)
     try:
       for step, host_batch in loaders["train"].iterate(start, t.steps):
@@ -228,6 +229,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           writer.write(done, row)
           last_row = row
           progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
+          if not interactive:  # A log line instead of a bar when stderr is a file.
+            logging.info("step %d/%d: loss %.4f, %s tokens/s", done, t.steps, row["loss"],
+                         f"{tokens_per_sec:,.0f}")
           interval.reset()
         if done % t.eval_every == 0 or done == t.steps:
           eval_row = evaluate(state.params)

@@ -26,6 +26,8 @@ class TrainState:
 
 
 def _init_boxed(rng, *, model: nn.Module, tx: optax.GradientTransformation, batch) -> TrainState:
+  """`batch` gives shapes only (ShapeDtypeStructs); zeros of those shapes drive `model.init`."""
+  batch = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), batch)
   params = model.init({"params": rng}, batch, deterministic=True)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
@@ -46,10 +48,16 @@ def abstract_state(
       functools.partial(_init_boxed, model=model, tx=tx, batch=batch), jax.random.key(0)
   )
   shardings = rules_lib.logical_shardings(boxed, mesh, rules)
-  rules_lib.check_divisible(nn.meta.unbox(boxed).params, shardings.params, mesh)
+  # Strip the boxes without `unbox()`, which would apply sharding constraints outside jit.
+  plain = jax.tree_util.tree_map(
+      lambda x: x.value if isinstance(x, nn.Partitioned) else x,
+      boxed,
+      is_leaf=lambda x: isinstance(x, nn.Partitioned),
+  )
+  rules_lib.check_divisible(plain.params, shardings.params, mesh)
   abstract = jax.tree_util.tree_map(
       lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-      nn.meta.unbox(boxed),
+      plain,
       shardings,
   )
   return abstract, shardings
