@@ -69,6 +69,7 @@ def mask_tokens(
 
   # Chosen positions first, in order; then padding slots (position 0, weight 0).
   order_BL = np.argsort(~chosen_BL, axis=1, kind="stable")[:, :p]
+  order_BL = np.pad(order_BL, ((0, 0), (0, p - order_BL.shape[1])))  # When seq_len < p.
   count_B = chosen_BL.sum(axis=1)
   weights_BP = np.arange(p)[None, :] < count_B[:, None]
   positions_BP = np.where(weights_BP, order_BL, 0).astype(np.int32)

@@ -81,13 +81,16 @@ class Tokenizer:
     except (OSError, RuntimeError) as e:
       raise UserError(f"'{path}' is not a sentencepiece model ({e}).") from None
     for piece, want in SPECIAL_PIECES.items():
-      got = self._sp.PieceToId(piece)
-      if got != want or self._sp.IdToPiece(want) != piece:
-        raise UserError(
-            f"Tokenizer '{path}' has '{piece}' at id {got}, but jaxlm needs it at id {want} "
-            "(pad 0, unk 1, cls 2, sep 3, mask 4). Train it with jaxlm (leave data.tokenizer "
-            "empty) so every special id is fixed."
-        )
+      if want < self.vocab_size and self._sp.IdToPiece(want) == piece:
+        continue
+      found = self._sp.PieceToId(piece)
+      where = (f"at id {found}" if self._sp.IdToPiece(found) == piece else "nowhere")
+      at_want = self._sp.IdToPiece(want) if want < self.vocab_size else "nothing"
+      raise UserError(
+          f"Tokenizer '{path}' has '{piece}' {where} and '{at_want}' at id {want}, but jaxlm "
+          "needs [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4. Train it with jaxlm (leave "
+          "data.tokenizer empty) so every special id is fixed."
+      )
     pieces = [self._sp.IdToPiece(i) for i in range(self.vocab_size)]
     self.word_start = np.array([_starts_word(p) for p in pieces], dtype=bool)
     self.word_start[:NUM_SPECIAL] = True

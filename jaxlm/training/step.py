@@ -54,7 +54,7 @@ def train_step(
     return objective_losses(objectives, outputs, batch)
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
@@ -68,8 +68,8 @@ def train_step(
   metrics = {
       "loss": loss,
       "grad_norm": grad_norm,
-      "param_norm": optax.global_norm(new_state.params),
-      "update_norm": optax.global_norm(updates),
+      "param_norm": optax.tree.norm(new_state.params),
+      "update_norm": optax.tree.norm(updates),
       "learning_rate": schedule(state.step),
       "skipped": (~finite).astype(jnp.int32),
   }
