@@ -35,6 +35,24 @@ def train(
   if model_type not in MODEL_TYPES:
     raise UserError(f"Unknown tokenizer type '{model_type}': use one of {MODEL_TYPES}.")
   model = io.BytesIO()
+  try:
+    _train_into(model, lines, vocab_size, model_type, max_sentences, seed_sentences)
+  except RuntimeError as e:
+    raise UserError(
+        f"Training a {vocab_size}-piece {model_type} tokenizer failed: {str(e).splitlines()[-1]} "
+        "Choose another data.tokenizer_vocab_size / model.vocab_size (it must hold every "
+        "character of the corpus plus the 5 special pieces, and not exceed what the corpus "
+        "supports)."
+    ) from None
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix=".tmp") as f:
+    f.write(model.getvalue())
+  os.replace(f.name, path)
+  return Tokenizer(path)
+
+
+def _train_into(model, lines, vocab_size, model_type, max_sentences, seed_sentences) -> None:
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(lines),
       model_writer=model,
@@ -57,12 +75,6 @@ def train(
       num_threads=os.cpu_count() or 1,
       minloglevel=2,
   )
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix=".tmp") as f:
-    f.write(model.getvalue())
-  os.replace(f.name, path)
-  return Tokenizer(path)
 
 
 class Tokenizer:
