@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxlm import config as config_lib
@@ -104,12 +105,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model_config = ModelConfig.from_config(config.model)
 
   train_text, eval_text = data_setup.load_corpora(d, t.seed)
-  tokenizer = data_setup.run_tokenizer(d, model_config.vocab_size, workdir, train_text,
-                                       may_write=is_main)
+  # Process 0 trains or copies the tokenizer into the workdir; the others then load that file.
+  if is_main:
+    tokenizer = data_setup.run_tokenizer(d, model_config.vocab_size, workdir, train_text)
   if process_count > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices("tokenizer")
+    multihost_utils.sync_global_devices("tokenizer ready")
+  if not is_main:
     tokenizer = data_setup.run_tokenizer(d, model_config.vocab_size, workdir, train_text,
                                          may_write=False)
   spec = DataSpec(vocab_size=tokenizer.vocab_size, seq_len=d.seq_len,
