@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
           checkpoint_every=1000,  # Save a checkpoint every this many steps (and at the end).
           keep_checkpoints=3,  # Keep the newest this many checkpoints.
           max_consecutive_skips=5,  # Stop after this many steps in a row with non-finite loss.
+          divergence_loss=100.0,  # Stop when a step's loss exceeds this: the run has diverged.
           peak_tflops_per_device=0.0,  # For MFU; 0 looks it up from the device kind.
       )
   )

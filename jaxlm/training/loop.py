@@ -8,6 +8,7 @@ state restores the data stream too.
 import functools
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -26,7 +27,8 @@ from jaxlm.errors import UserError
 from jaxlm.models import ModelConfig, Pretrainer
 from jaxlm.objectives import DataSpec, build_objectives
 from jaxlm.parallel import mesh as mesh_lib, rules as rules_lib
-from jaxlm.training import checkpoints, flops, optimizer, state as state_lib, step as step_lib
+from jaxlm.training import checkpoints, flops, optimizer, preemption
+from jaxlm.training import state as state_lib, step as step_lib
 from jaxlm.training.metrics import MetricWriter
 
 
@@ -43,6 +45,17 @@ def prepare_workdir(workdir: str) -> None:
   except OSError as e:
     raise UserError(f"The workdir '{workdir}' is not writable ({e.strerror}). Choose another "
                     "--workdir or fix its permissions / free disk space.") from None
+
+
+def _check_disk_space(workdir: str, abstract_state) -> None:
+  """Refuses to start when the disk cannot hold two checkpoints of this state."""
+  need = 2 * sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(abstract_state))
+  free = shutil.disk_usage(workdir).free
+  if free < need:
+    raise UserError(
+        f"The workdir '{workdir}' has {free / 2**20:.0f} MiB free, but two checkpoints of this "
+        f"model need about {need / 2**20:.0f} MiB. Free space or choose another --workdir."
+    )
 
 
 def _global_batch(host_batch, sharding, process_count):
@@ -102,6 +115,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   t, d = config.train, config.data
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = rules_lib.rules_from_config(config.mesh)
+  batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  if d.batch_size % batch_ways:
+    raise UserError(
+        f"data.batch_size ({d.batch_size}) is not divisible by the data-parallel devices "
+        f"(mesh.data x mesh.fsdp = {batch_ways}). Use a multiple of {batch_ways}."
+    )
   model_config = ModelConfig.from_config(config.model)
 
   train_text, eval_text = data_setup.load_corpora(d, t.seed)
@@ -148,6 +167,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract, shardings = state_lib.abstract_state(model, tx, init_batch, mesh, rules)
+    _check_disk_space(workdir, abstract)
     checkpointer = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
                                             keep=t.keep_checkpoints)
     restored = checkpointer.restore_newest(abstract)
@@ -197,6 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           sums[key] = sums.get(key, 0.0) + float(value)
       return _ratios(sums, "eval/")
 
+    stop = preemption.StopRequest(checkpointer.reached_preemption, process_count > 1)
     writer = MetricWriter(workdir, resume_step=start, enabled=is_main)
     interval = _Interval()
     consecutive_skips = 0
@@ -240,10 +261,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           last_row = {**last_row, **eval_row}
           logging.info("step %d: %s", done, json.dumps({k: round(v, 4) for k, v in eval_row.items()}))
           interval.started = time.perf_counter()  # Eval time is not training throughput.
-        if done % t.checkpoint_every == 0 or done == t.steps:
-          checkpointer.save(done, state, {"step": done, "global_batch_size": d.batch_size})
+        stopping = stop.should_stop(done)
+        if done % t.checkpoint_every == 0 or done == t.steps or stopping:
+          stalled = checkpointer.save(done, state, {"step": done, "global_batch_size": d.batch_size})
+          logging.info("Checkpoint of step %d started; the loop waited %.2f s", done, stalled)
+        if stopping:
+          logging.warning("Stopped at step %d on request; the checkpoint holds it. Run the "
+                          "same command to continue.", done)
+          break
       checkpointer.wait()
     finally:
+      stop.restore()
       progress.close()
       writer.close()
       checkpointer.close()
@@ -255,6 +283,15 @@ def _account(interval: _Interval, metrics, consecutive_skips: int, t, checkpoint
   host = jax.device_get(metrics)
   interval.add(host)
   consecutive_skips = consecutive_skips + 1 if int(host["skipped"]) else 0
+  loss = float(host["loss"])
+  if np.isfinite(loss) and loss > t.divergence_loss:
+    steps = checkpointer.steps()
+    raise TrainingStopped(
+        f"Training stopped: the loss reached {loss:.4g}, past train.divergence_loss "
+        f"({t.divergence_loss:g}); the run has diverged. Lower optimizer.learning_rate (or "
+        f"raise optimizer.warmup_steps). The last good checkpoint "
+        f"({'step ' + str(steps[-1]) if steps else 'none yet'}) is left intact."
+    )
   if consecutive_skips >= t.max_consecutive_skips:
     steps = checkpointer.steps()
     raise TrainingStopped(
