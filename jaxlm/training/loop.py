@@ -79,18 +79,26 @@ def _ratios(sums: dict[str, float], prefix: str = "") -> dict[str, float]:
 class _Interval:
   """Metrics of the steps since the last log row, fetched one step late."""
 
-  def __init__(self):
+  def __init__(self, saved: dict | None = None):
     self.reset()
+    if saved:
+      self.sums, self.steps = dict(saved["sums"]), saved["steps"]
+      self.skipped, self.last = saved["skipped"], dict(saved["last"])
 
   def reset(self):
     self.sums: dict[str, float] = {}
     self.steps = 0
     self.skipped = 0
     self.last: dict[str, float] = {}
+    self.timed_steps = 0  # Steps run in this process since `started` (for tokens/s).
     self.started = time.perf_counter()
+
+  def to_json(self) -> dict:
+    return {"sums": self.sums, "steps": self.steps, "skipped": self.skipped, "last": self.last}
 
   def add(self, metrics: dict[str, np.ndarray]) -> None:
     self.steps += 1
+    self.timed_steps += 1
     self.skipped += int(metrics["skipped"])
     for key, value in metrics.items():
       value = float(value)
@@ -171,6 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointer = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
                                             keep=t.keep_checkpoints)
     restored = checkpointer.restore_newest(abstract)
+    position: dict = {}
     if restored is None:
       state = state_lib.init_state(jax.random.fold_in(root_rng, 0), model, tx, init_batch, shardings)
       start = 0
@@ -219,8 +228,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     stop = preemption.StopRequest(checkpointer.reached_preemption, process_count > 1)
     writer = MetricWriter(workdir, resume_step=start, enabled=is_main)
-    interval = _Interval()
-    consecutive_skips = 0
+    # The partial log interval and skip count travel with the checkpoint, so the rows of a
+    # resumed run equal those of an uninterrupted one.
+    interval = _Interval(position.get("interval"))
+    consecutive_skips = int(position.get("consecutive_skips", 0))
     last_row: dict[str, float] = {}
     pending = None
     interactive = is_main and sys.stderr.isatty()
@@ -239,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           consecutive_skips = _account(interval, pending, consecutive_skips, t, checkpointer)
           pending = None
           elapsed = time.perf_counter() - interval.started
-          tokens_per_sec = interval.steps * tokens_per_step / max(elapsed, 1e-9)
+          tokens_per_sec = interval.timed_steps * tokens_per_step / max(elapsed, 1e-9)
           row = _ratios(interval.sums)
           row.update(
               learning_rate=interval.last["learning_rate"],
@@ -256,14 +267,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                          f"{tokens_per_sec:,.0f}")
           interval.reset()
         if done % t.eval_every == 0 or done == t.steps:
+          eval_started = time.perf_counter()
           eval_row = evaluate(state.params)
           writer.write(done, eval_row)
           last_row = {**last_row, **eval_row}
           logging.info("step %d: %s", done, json.dumps({k: round(v, 4) for k, v in eval_row.items()}))
-          interval.started = time.perf_counter()  # Eval time is not training throughput.
+          interval.started += time.perf_counter() - eval_started  # Not training time.
         stopping = stop.should_stop(done)
         if done % t.checkpoint_every == 0 or done == t.steps or stopping:
-          stalled = checkpointer.save(done, state, {"step": done, "global_batch_size": d.batch_size})
+          if pending is not None:
+            consecutive_skips = _account(interval, pending, consecutive_skips, t, checkpointer)
+            pending = None
+          stalled = checkpointer.save(done, state, {
+              "step": done, "global_batch_size": d.batch_size, "interval": interval.to_json(),
+              "consecutive_skips": consecutive_skips})
           logging.info("Checkpoint of step %d started; the loop waited %.2f s", done, stalled)
         if stopping:
           logging.warning("Stopped at step %d on request; the checkpoint holds it. Run the "
