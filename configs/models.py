@@ -32,5 +32,9 @@ def bert(size: str, vocab_size: int = 30522) -> ml_collections.ConfigDict:
           initializer_range=0.02,  # Stddev of the truncated normal for every weight.
           dtype="float32",  # Compute dtype: float32 | bfloat16 | float16.
           param_dtype="float32",  # Storage dtype of parameters and optimizer state.
+          # Rematerialisation per layer: none (keep all activations), full (keep only the layer
+          # input, recompute the rest), save_dots (keep matmul outputs, recompute the rest).
+          remat_policy="none",
+          scan_layers=False,  # nn.scan over layers: compile time flat in depth.
       )
   )

@@ -299,6 +299,7 @@ def test_checkpoint_restores_sharded_for_the_new_mesh(repo_root, interrupted, ei
     assert leaf.sharding == target.sharding
   # The same numbers as restored onto the mesh it was saved from.
   _, saved_state, _ = _restore(repo_root, interrupted.saved, eight_devices, (1, 8, 1))
-  assert _spec(saved_state.params["encoder"]["layer_0"]["mlp"]["wi"]["kernel"]) == ("fsdp",)
+  saved_kernel = saved_state.params["encoder"]["layer_0"]["mlp"]["wi"]["kernel"]
+  assert {s.data.shape for s in saved_kernel.addressable_shards} == {(rows // 8, cols)}
   for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(saved_state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

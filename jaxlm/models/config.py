@@ -8,6 +8,7 @@ import ml_collections
 
 from jaxlm.errors import UserError
 
+REMAT_POLICIES = ("none", "full", "save_dots")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -29,6 +30,8 @@ class ModelConfig:
   initializer_range: float = 0.02
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat_policy: str = "none"  # none | full | save_dots: what a layer keeps for the backward pass.
+  scan_layers: bool = False  # One nn.scan over layers: compile time flat in depth.
 
   @property
   def head_dim(self) -> int:
@@ -38,6 +41,10 @@ class ModelConfig:
   def from_config(cls, model: ml_collections.ConfigDict) -> "ModelConfig":
     """Builds the dataclass from `config.model` (dtype names become jnp dtypes)."""
     values = dict(model)
+    if values["remat_policy"] not in REMAT_POLICIES:
+      raise UserError(
+          f"model.remat_policy is '{values['remat_policy']}'; use one of {REMAT_POLICIES}."
+      )
     for key in ("dtype", "param_dtype"):
       if values[key] not in _DTYPES:
         raise UserError(f"model.{key} is '{values[key]}'; use one of {tuple(_DTYPES)}.")

@@ -20,6 +20,50 @@ class EncoderOutput:
   token_table_VD: jax.Array  # The token embedding table, for heads tied to it.
 
 
+_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+}
+
+
+def _layer_class(config: ModelConfig) -> type[nn.Module]:
+  """TransformerLayer, wrapped in nn.remat with the configured policy."""
+  if config.remat_policy == "none":
+    return TransformerLayer
+  # static_argnums counts `self` as 0: `deterministic` (argument 3) is a Python bool.
+  return nn.remat(TransformerLayer, policy=_POLICIES[config.remat_policy], static_argnums=(3,))
+
+
+class _ScanStep(nn.Module):
+  """One layer in the (carry, output) form nn.scan wants."""
+
+  config: ModelConfig
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, h_BLD: jax.Array, mask_BHQK: jax.Array):
+    layer = _layer_class(self.config)(self.config, name="layer")
+    return layer(h_BLD, mask_BHQK, self.deterministic), None
+
+
+def _layers(c: ModelConfig, h_BLD, mask_BHQK, deterministic: bool) -> jax.Array:
+  """The layer stack: a Python loop (`layer_i`), or one nn.scan (`layers`, stacked params)."""
+  if not c.scan_layers:
+    for i in range(c.num_layers):
+      h_BLD = _layer_class(c)(c, name=f"layer_{i}")(h_BLD, mask_BHQK, deterministic)
+    return h_BLD
+  scan = nn.scan(
+      _ScanStep,
+      variable_axes={"params": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(nn.broadcast,),
+      length=c.num_layers,
+      metadata_params={nn.PARTITION_NAME: axes.LAYERS},
+  )
+  h_BLD, _ = scan(c, deterministic, name="layers")(h_BLD, mask_BHQK)
+  return h_BLD
+
+
 class Encoder(nn.Module):
   config: ModelConfig
 
@@ -40,8 +84,7 @@ class Encoder(nn.Module):
         input_ids_BL, token_type_ids_BL, deterministic
     )
     h_BLD = nn.with_logical_constraint(h_BLD, (axes.BATCH, axes.LENGTH, axes.EMBED))
-    for i in range(c.num_layers):
-      h_BLD = TransformerLayer(c, name=f"layer_{i}")(h_BLD, mask_BHQK, deterministic)
+    h_BLD = _layers(c, h_BLD, mask_BHQK, deterministic)
     if c.pre_layer_norm:
       h_BLD = init.layer_norm(c, "final_norm")(h_BLD)
     pooled_BD = nn.Dense(

@@ -16,3 +16,4 @@ POSITION = "position"  # Rows of the position-embedding table.
 TOKEN_TYPE = "token_type"  # Rows of the token-type (segment) embedding table.
 CLASSES = "classes"  # Outputs of a small classifier (NSP).
 PREDICTIONS = "predictions"  # Predicted positions per sequence (MLM).
+LAYERS = "layers"  # The stacked layer axis of scanned parameters (never sharded).

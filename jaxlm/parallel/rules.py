@@ -34,6 +34,7 @@ DEFAULT_RULES: Rules = (
     (axes.TOKEN_TYPE, None),
     (axes.CLASSES, None),
     (axes.PREDICTIONS, None),
+    (axes.LAYERS, None),
 )
 
 
