@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import flax.linen as nn
 import jax
@@ -55,7 +56,8 @@ def _tiny_config(repo_root, **overrides):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  for key, value in {**OVERRIDES, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
+  overrides = {k.replace("__", "."): v for k, v in overrides.items()}
+  for key, value in {**OVERRIDES, **overrides}.items():
     section, name = key.split(".")
     config[section][name] = value
   return config
@@ -90,14 +92,17 @@ def _run_processes(repo_root, logdir, commands, devices):
     err = open(os.path.join(logdir, f"proc{i}.stderr"), "w", encoding="utf-8")
     procs.append((subprocess.Popen(command, cwd=repo_root, env=_env(devices), stdout=out,
                                    stderr=err, stdin=subprocess.DEVNULL), out, err))
+  deadline = time.monotonic() + TIMEOUT_S
   timed_out = False
   try:
-    for proc, _, _ in procs:
-      try:
-        proc.wait(timeout=TIMEOUT_S)
-      except subprocess.TimeoutExpired:
+    # Until all are done, one fails (its peers would wait for it forever) or time runs out.
+    while any(proc.poll() is None for proc, _, _ in procs):
+      if any(proc.poll() not in (None, 0) for proc, _, _ in procs):
+        break
+      if time.monotonic() > deadline:
         timed_out = True
         break
+      time.sleep(0.2)
   finally:
     for proc, out, err in procs:
       if proc.poll() is None:

@@ -61,6 +61,7 @@ class Checkpointer:
   def restore_newest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
     """The newest checkpoint that restores, as `(state, data_position)`; None if there is none."""
     steps = self.steps()
+    unrestorable = []
     for step in reversed(steps):
       _check_matches(self._manager, step, abstract_state)
       try:
@@ -73,7 +74,9 @@ class Checkpointer:
       except Exception as e:  # orbax raises ValueError, OSError or a bare Exception for cut data.
         logging.warning("Checkpoint at step %d does not restore (%s); trying an older one.", step,
                         str(e).splitlines()[0][:300])
+        unrestorable.append(step)
         continue
+      self._set_aside(unrestorable)
       return restored.state, restored.data
     if steps:
       raise UserError(
@@ -81,6 +84,25 @@ class Checkpointer:
           "checkpoints/ folder away to start afresh."
       )
     return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves unrestorable checkpoints out of the way (kept, not deleted), so their steps can be
+    saved again."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      directory = os.fspath(self._manager.directory)
+      aside = os.path.join(os.path.dirname(directory), "unrestorable_checkpoints")
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target = os.path.join(aside, f"{step}-{int(time.time())}")
+        os.replace(os.path.join(directory, str(step)), target)
+        logging.warning("Moved the unrestorable checkpoint of step %d to %s", step, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("unrestorable checkpoints moved")
+    self._manager.reload()
 
   def wait(self) -> None:
     """Blocks until background saves are done; an error there is raised here."""
