@@ -31,7 +31,7 @@ from jaxlm.training.metrics import read_metrics
 
 STEPS = 6
 RTOL = 2e-4  # Relative; float32 sums in another order differ by about 1e-7.
-TIMEOUT_S = 240  # Per subprocess.
+TIMEOUT_S = 240  # For each group of processes started together.
 COMPARED = ("loss", "mlm_loss", "nsp_loss", "grad_norm")
 DEVICES_FLAG = "--xla_force_host_platform_device_count"
 # Small settings, and dropout on (bert_tiny turns it off): its masks must not depend on the mesh.
@@ -50,7 +50,7 @@ OVERRIDES = {
 
 
 def _tiny_config(repo_root, **overrides):
-  """experiments/bert_tiny.py with OVERRIDES, then `overrides` ('train.steps' -> train__steps)."""
+  """experiments/bert_tiny.py with OVERRIDES, then `overrides` (train__steps=4 sets train.steps)."""
   spec = importlib.util.spec_from_file_location(
       "bert_tiny", os.path.join(repo_root, "experiments", "bert_tiny.py"))
   module = importlib.util.module_from_spec(spec)

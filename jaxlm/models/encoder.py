@@ -87,12 +87,5 @@ class Encoder(nn.Module):
     h_BLD = _layers(c, h_BLD, mask_BHQK, deterministic)
     if c.pre_layer_norm:
       h_BLD = init.layer_norm(c, "final_norm")(h_BLD)
-    pooled_BD = nn.Dense(
-        c.hidden_size,
-        dtype=c.dtype,
-        param_dtype=c.param_dtype,
-        kernel_init=init.weights(c, (axes.EMBED, axes.EMBED_OUT)),
-        bias_init=init.zeros((axes.EMBED_OUT,)),
-        name="pooler",
-    )(h_BLD[:, 0])
+    pooled_BD = init.dense(c, c.hidden_size, (axes.EMBED, axes.EMBED_OUT), "pooler")(h_BLD[:, 0])
     return EncoderOutput(h_BLD, jnp.tanh(pooled_BD), table_VD)

@@ -29,14 +29,7 @@ class MlmHead(nn.Module):
     c = self.config
     positions_BP = batch["mlm_positions"]
     h_BPD = jnp.take_along_axis(encoded.sequence_BLD, positions_BP[..., None], axis=1)
-    h_BPD = nn.Dense(
-        c.hidden_size,
-        dtype=c.dtype,
-        param_dtype=c.param_dtype,
-        kernel_init=init.weights(c, (axes.EMBED, axes.EMBED_OUT)),
-        bias_init=init.zeros((axes.EMBED_OUT,)),
-        name="transform",
-    )(h_BPD)
+    h_BPD = init.dense(c, c.hidden_size, (axes.EMBED, axes.EMBED_OUT), "transform")(h_BPD)
     h_BPD = init.layer_norm(c, "layer_norm")(nn.gelu(h_BPD, approximate=False))
     table_VD = encoded.token_table_VD.astype(c.dtype)
     logits_BPV = jnp.einsum("bpd,vd->bpv", h_BPD, table_VD).astype(jnp.float32)
@@ -55,11 +48,5 @@ class NspHead(nn.Module):
       self, encoded: EncoderOutput, batch: Mapping[str, jax.Array], deterministic: bool
   ) -> jax.Array:
     c = self.config
-    return nn.Dense(
-        2,
-        dtype=c.dtype,
-        param_dtype=c.param_dtype,
-        kernel_init=init.weights(c, (axes.EMBED, axes.CLASSES)),
-        bias_init=init.zeros((axes.CLASSES,)),
-        name="classifier",
-    )(encoded.pooled_BD).astype(jnp.float32)
+    logits_B2 = init.dense(c, 2, (axes.EMBED, axes.CLASSES), "classifier")(encoded.pooled_BD)
+    return logits_B2.astype(jnp.float32)

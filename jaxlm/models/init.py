@@ -31,3 +31,15 @@ def layer_norm(config: ModelConfig, name: str | None = None) -> nn.LayerNorm:
       bias_init=zeros((axes.EMBED,)),
       name=name,
   )
+
+
+def dense(config: ModelConfig, features: int, names: tuple[str, str], name: str) -> nn.Dense:
+  """A Dense layer with a BERT-initialised kernel named `names` (in, out) and a zero bias."""
+  return nn.Dense(
+      features,
+      dtype=config.dtype,
+      param_dtype=config.param_dtype,
+      kernel_init=weights(config, names),
+      bias_init=zeros((names[1],)),
+      name=name,
+  )

@@ -15,24 +15,10 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, h_BLD: jax.Array) -> jax.Array:
     c = self.config
-    h_BLF = nn.Dense(
-        c.mlp_dim,
-        dtype=c.dtype,
-        param_dtype=c.param_dtype,
-        kernel_init=init.weights(c, (axes.EMBED, axes.MLP)),
-        bias_init=init.zeros((axes.MLP,)),
-        name="wi",
-    )(h_BLD)
+    h_BLF = init.dense(c, c.mlp_dim, (axes.EMBED, axes.MLP), "wi")(h_BLD)
     h_BLF = nn.gelu(h_BLF, approximate=False)  # BERT's exact (erf) GELU.
     h_BLF = nn.with_logical_constraint(h_BLF, (axes.BATCH, axes.LENGTH, axes.MLP))
-    return nn.Dense(
-        c.hidden_size,
-        dtype=c.dtype,
-        param_dtype=c.param_dtype,
-        kernel_init=init.weights(c, (axes.MLP, axes.EMBED)),
-        bias_init=init.zeros((axes.EMBED,)),
-        name="wo",
-    )(h_BLF)
+    return init.dense(c, c.hidden_size, (axes.MLP, axes.EMBED), "wo")(h_BLF)
 
 
 class TransformerLayer(nn.Module):
