@@ -49,7 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
           data=-1,  # Data parallel; -1 = all devices not used by the other axes.
           fsdp=1,  # Data parallel with parameters and optimizer state sharded (ZeRO-3).
           tensor=1,  # Megatron-style split of heads, MLP and vocabulary.
-          rules=(),  # ((logical_axis, mesh_axes), ...) replacing entries of the default rules.
+          # Entries replacing the default logical -> mesh rules (jaxlm/parallel/rules.py), e.g.
+          # "vocab=none,mlp=fsdp+tensor" (none = replicated, + joins mesh axes).
+          rules="",
       )
   )
 

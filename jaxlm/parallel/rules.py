@@ -6,7 +6,7 @@ Parameters, optimizer state, batches and activations all follow the same rules:
   parameters and optimizer state, gathered by XLA layer by layer;
 - `heads`, `mlp`, `vocab` (and the output side of hidden x hidden projections) are split over
   `tensor`: Megatron-style tensor parallelism.
-`mesh.rules` in the config replaces entries of this table.
+`mesh.rules` in the config replaces entries of this table (see `rules_from_config`).
 """
 
 from collections.abc import Sequence
@@ -16,7 +16,8 @@ import jax
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxlm.errors import UserError
+from jaxlm.errors import UserError, closest
+from jaxlm.parallel.mesh import AXES as MESH_AXES
 from jaxlm.parallel import axes
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
@@ -39,17 +40,35 @@ DEFAULT_RULES: Rules = (
 
 
 def rules_from_config(mesh_config: ml_collections.ConfigDict) -> Rules:
-  """The default table with `mesh.rules` (pairs of logical name, mesh axes) replacing entries."""
-  overrides = {name: _as_mesh_axes(target) for name, target in mesh_config.rules}
-  return tuple((name, overrides.pop(name, target)) for name, target in DEFAULT_RULES) + tuple(
-      overrides.items()
-  )
+  """The default table with the entries named in `mesh.rules` replaced.
+
+  `mesh.rules` is a string (so it can be overridden from the command line) of comma-separated
+  `logical=mesh` entries, where `mesh` is `none` (replicated), one mesh axis, or several joined
+  by `+`: e.g. `"vocab=none,mlp=fsdp+tensor"`.
+  """
+  overrides = parse_rules(mesh_config.rules)
+  return tuple((name, overrides.get(name, target)) for name, target in DEFAULT_RULES)
 
 
-def _as_mesh_axes(target) -> str | tuple[str, ...] | None:
-  if target is None or isinstance(target, str):
-    return target or None
-  return tuple(target)
+def parse_rules(text: str) -> dict[str, str | tuple[str, ...] | None]:
+  known = [name for name, _ in DEFAULT_RULES]
+  overrides = {}
+  for entry in (e.strip() for e in text.split(",")):
+    if not entry:
+      continue
+    name, sep, target = (part.strip() for part in entry.partition("="))
+    if not sep or name not in known:
+      raise UserError(
+          f"mesh.rules entry '{entry}': expected logical=mesh_axes with a logical axis among "
+          f"{known}.{closest(name, known)}"
+      )
+    axes_ = tuple(a.strip() for a in target.split("+") if a.strip() and a.strip() != "none")
+    unknown = [a for a in axes_ if a not in MESH_AXES]
+    if unknown:
+      raise UserError(f"mesh.rules entry '{entry}': '{unknown[0]}' is not a mesh axis; use "
+                      f"{MESH_AXES} or none.")
+    overrides[name] = None if not axes_ else axes_[0] if len(axes_) == 1 else axes_
+  return overrides
 
 
 def logical_shardings(tree, mesh: jax.sharding.Mesh, rules: Rules):
