@@ -6,7 +6,7 @@ declared here is an error.
 
 import ml_collections
 
-from configs import models, optimizers
+from configs import meshes, models, optimizers
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -16,6 +16,9 @@ def get_config() -> ml_collections.ConfigDict:
       dict(
           steps=1000,  # Optimizer steps in the whole run (also the length of the LR schedule).
           seed=0,  # Parameters, dropout, data order and masks all derive from it.
+          # Gradient accumulation: each step runs the batch in this many slices (memory of one
+          # slice) and averages their gradients before one update.
+          microbatches=1,
           log_every=50,  # Write metrics.jsonl / TensorBoard rows every this many steps.
           eval_every=500,  # Evaluate on the eval split every this many steps (and at the end).
           eval_batches=8,  # Batches per evaluation (the eval split is cycled if smaller).
@@ -44,16 +47,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = models.bert("base")
   config.optimizer = optimizers.adamw_bert()
 
-  config.mesh = ml_collections.ConfigDict(
-      dict(
-          data=-1,  # Data parallel; -1 = all devices not used by the other axes.
-          fsdp=1,  # Data parallel with parameters and optimizer state sharded (ZeRO-3).
-          tensor=1,  # Megatron-style split of heads, MLP and vocabulary.
-          # Entries replacing the default logical -> mesh rules (jaxlm/parallel/rules.py), e.g.
-          # "vocab=none,mlp=fsdp+tensor" (none = replicated, + joins mesh axes).
-          rules="",
-      )
-  )
+  # data: batch split; fsdp: batch split and parameters/optimizer state sharded (ZeRO-3);
+  # tensor: Megatron-style split of heads, MLP and vocabulary. -1 = all remaining devices.
+  # rules: entries replacing the default logical -> mesh rules (jaxlm/parallel/rules.py), e.g.
+  # "vocab=none,mlp=fsdp+tensor" (none = replicated, + joins mesh axes).
+  config.mesh = meshes.data_parallel()
 
   # One entry per objective; weight 0 disables it (its head and its data work too).
   config.objectives = ml_collections.ConfigDict(

@@ -18,3 +18,15 @@ def adamw_bert(learning_rate: float = 1e-4, warmup_steps: int = 10_000) -> ml_co
           clip_norm=1.0,  # Global gradient-norm clipping; 0 disables it.
       )
   )
+
+
+def adamw_roberta(learning_rate: float = 6e-4, warmup_steps: int = 24_000) -> ml_collections.ConfigDict:
+  """RoBERTa's variant: b2 0.98 (steadier with large batches and learning rates), eps 1e-6."""
+  config = adamw_bert(learning_rate, warmup_steps)
+  config.b2 = 0.98
+  return config
+
+
+def adamw_fast(learning_rate: float = 3e-3, warmup_steps: int = 20) -> ml_collections.ConfigDict:
+  """For minutes-long runs of tiny models: a short warm-up and a high peak."""
+  return adamw_bert(learning_rate, warmup_steps)

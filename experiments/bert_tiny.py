@@ -10,7 +10,7 @@ vocabularies a model this small sits on the unigram plateau for hundreds of step
 BUILD_NOTES.md); `bert_mini.py` and `bert_base.py` follow the original recipe.
 """
 
-from configs import base, models
+from configs import base, models, optimizers
 
 
 def get_config():
@@ -23,8 +23,7 @@ def get_config():
   config.data.seq_len = 64
   config.data.batch_size = 128
   config.objectives.mlm.max_predictions_per_seq = 10
-  config.optimizer.learning_rate = 3e-3
-  config.optimizer.warmup_steps = 20
+  config.optimizer = optimizers.adamw_fast(learning_rate=3e-3, warmup_steps=20)
   config.train.steps = 300
   config.train.log_every = 10
   config.train.eval_every = 100

@@ -11,7 +11,7 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
   """Raises UserError with one clear message for the first impossible setting found."""
   t, d, m, o = config.train, config.data, config.model, config.optimizer
   for key in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-              "eval_batches", "max_consecutive_skips"):
+              "eval_batches", "max_consecutive_skips", "microbatches"):
     if t[key] <= 0:
       raise UserError(f"train.{key} is {t[key]}; it must be a positive integer.")
   if d.seq_len < 8:

@@ -22,12 +22,12 @@ CONFIG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, m
                      max_position=16)
 
 
-def _setup():
+def _setup(config=CONFIG, microbatches=1):
   spec = DataSpec(vocab_size=64, seq_len=16, word_start=np.ones(64, bool))
   objectives = build_objectives(ml_collections.ConfigDict(
       {"mlm": dict(weight=1.0, mask_rate=0.15, max_predictions_per_seq=3, mask_token_prob=0.8,
                    random_token_prob=0.1, whole_word=False)}), spec)
-  model = Pretrainer(CONFIG, heads=(("mlm", MlmHead),))
+  model = Pretrainer(config, heads=(("mlm", MlmHead),))
   tx, schedule = optimizer.make_optimizer(optimizers.adamw_bert(1e-3, 0), 10)
   rng = np.random.default_rng(0)
   batch = {
@@ -41,7 +41,7 @@ def _setup():
   state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                opt_state=tx.init(params))
   step = jax.jit(functools.partial(step_lib.train_step, model=model, objectives=objectives,
-                                   tx=tx, schedule=schedule))
+                                   tx=tx, schedule=schedule, microbatches=microbatches))
   return state, batch, step
 
 
@@ -70,6 +70,21 @@ def test_a_finite_step_updates():
   for key in kernel:
     old, new = old[key], new[key]
   assert not np.array_equal(np.asarray(old), np.asarray(new))
+
+
+def test_microbatches_give_the_update_of_the_whole_batch():
+  """Without dropout, and with equal predictions per slice, two slices equal one batch."""
+  config = ModelConfig(**{**CONFIG.__dict__, "dropout_rate": 0.0, "attention_dropout_rate": 0.0})
+  whole, batch, step_whole = _setup(config)
+  sliced, _, step_sliced = _setup(config, microbatches=2)
+  after_whole, m_whole = step_whole(whole, batch, jax.random.key(1))
+  after_sliced, m_sliced = step_sliced(sliced, batch, jax.random.key(1))
+  np.testing.assert_allclose(m_sliced["loss"], m_whole["loss"], rtol=1e-5)
+  assert float(m_sliced["mlm_loss/count"]) == float(m_whole["mlm_loss/count"]) == 12.0
+  np.testing.assert_allclose(m_sliced["grad_norm"], m_whole["grad_norm"], rtol=1e-4)
+  for a, b in zip(jax.tree_util.tree_leaves(after_sliced.params),
+                  jax.tree_util.tree_leaves(after_whole.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_restoring_with_another_dtype_is_refused(tmp_path):

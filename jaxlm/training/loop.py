@@ -123,11 +123,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   t, d = config.train, config.data
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = rules_lib.rules_from_config(config.mesh)
-  batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch_ways = mesh.shape["data"] * mesh.shape["fsdp"] * t.microbatches
   if d.batch_size % batch_ways:
     raise UserError(
-        f"data.batch_size ({d.batch_size}) is not divisible by the data-parallel devices "
-        f"(mesh.data x mesh.fsdp = {batch_ways}). Use a multiple of {batch_ways}."
+        f"data.batch_size ({d.batch_size}) is not divisible by the data-parallel devices times "
+        f"the micro-batches (mesh.data x mesh.fsdp x train.microbatches = {batch_ways}). Use a "
+        f"multiple of {batch_ways}."
     )
   model_config = ModelConfig.from_config(config.model)
 
@@ -198,7 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     train_fn = jax.jit(
         functools.partial(step_lib.train_step, model=model, objectives=objectives, tx=tx,
-                          schedule=schedule),
+                          schedule=schedule, microbatches=t.microbatches),
         in_shardings=(shardings, batch_sharding, replicated),
         out_shardings=(shardings, replicated),
         donate_argnums=0,

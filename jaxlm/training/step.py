@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlm.objectives import Objective
+from jaxlm.parallel import axes
 from jaxlm.training.state import TrainState
 
 Metrics = dict[str, jax.Array]
@@ -39,21 +40,30 @@ def train_step(
     objectives: Sequence[Objective],
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
+    microbatches: int = 1,
 ) -> tuple[TrainState, Metrics]:
   """One optimizer step. A step with a non-finite loss or gradient changes nothing but `step`.
+
+  With `microbatches` > 1 the batch is processed in that many slices, one after the other, and
+  their gradients are averaged: the memory of one slice, the update of the whole batch (the
+  mean of the slices' mean losses; metrics add up exactly).
 
   The skip is a select, not a scaled update: 0 x NaN is NaN, and optax.apply_if_finite would
   eventually apply a bad update. The loop counts skips and stops the run.
   """
   dropout_rng = jax.random.fold_in(rng, state.step)
 
-  def loss_fn(params):
+  def loss_fn(params, batch, dropout_rng):
     outputs = model.apply(
         {"params": params}, batch, deterministic=False, rngs={"dropout": dropout_rng}
     )
     return objective_losses(objectives, outputs, batch)
 
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if microbatches == 1:
+    (loss, aux), grads = grad_fn(state.params, batch, dropout_rng)
+  else:
+    loss, aux, grads = _accumulate(grad_fn, state.params, batch, dropout_rng, microbatches)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -77,6 +87,33 @@ def train_step(
     metrics[name + "/sum"] = total
     metrics[name + "/count"] = count
   return new_state, metrics
+
+
+def _accumulate(grad_fn, params, batch, dropout_rng, microbatches: int):
+  """Mean loss and gradients over `microbatches` slices of the batch, in a `lax.scan`.
+
+  Slice i takes examples i, i + k, i + 2k, ... so every slice stays split over the data devices.
+  """
+
+  def split(x):
+    x = x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(x, (None, axes.BATCH) + (None,) * (x.ndim - 2))
+
+  slices = jax.tree_util.tree_map(split, batch)
+
+  def body(carry, inputs):
+    index, piece = inputs
+    (loss, aux), grads = grad_fn(params, piece, jax.random.fold_in(dropout_rng, index))
+    return jax.tree_util.tree_map(jnp.add, carry, (loss, aux, grads)), None
+
+  first = jax.tree_util.tree_map(lambda x: x[0], slices)
+  (_, aux_shape), grads_shape = jax.eval_shape(grad_fn, params, first, dropout_rng)
+  zeros = jax.tree_util.tree_map(
+      lambda s: jnp.zeros(s.shape, s.dtype), (jax.ShapeDtypeStruct((), jnp.float32), aux_shape,
+                                              grads_shape))
+  (loss, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(microbatches), slices))
+  scale = 1.0 / microbatches
+  return loss * scale, aux, jax.tree_util.tree_map(lambda g: g * scale, grads)
 
 
 def eval_step(
