@@ -38,7 +38,7 @@ def cpu_devices():
 
 
 def _mesh_config(data=-1, fsdp=1, tensor=1):
-  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, rules=()))
+  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, rules=""))
 
 
 @pytest.mark.parametrize(
@@ -169,7 +169,7 @@ def test_sharded_initialisation_gives_the_same_parameters(fsdp_state, replicated
 
 def test_rules_from_config_replace_defaults():
   config = _mesh_config()
-  config.rules = (("mlp", None), ("vocab", ("fsdp", "tensor")))
+  config.rules = "mlp=none,vocab=fsdp+tensor"
   rules = dict(rules_lib.rules_from_config(config))
   assert rules["mlp"] is None and rules["vocab"] == ("fsdp", "tensor")
   assert rules["embed"] == "fsdp"

@@ -110,36 +110,19 @@ class _Interval:
         self.last[key] = value
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) the run described by `config` in `workdir`; returns the last row."""
-  process_index, process_count = jax.process_index(), jax.process_count()
-  is_main = process_index == 0
-  config_lib.validate(config, process_count)
-  prepare_workdir(workdir)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
+def _data_and_objectives(config, workdir: str, model_vocab_size: int, process_index: int,
+                         process_count: int):
+  """The enabled objectives and the train and eval batch loaders (tokenizer ready first)."""
   t, d = config.train, config.data
-  mesh = mesh_lib.make_mesh(config.mesh)
-  rules = rules_lib.rules_from_config(config.mesh)
-  batch_ways = mesh.shape["data"] * mesh.shape["fsdp"] * t.microbatches
-  if d.batch_size % batch_ways:
-    raise UserError(
-        f"data.batch_size ({d.batch_size}) is not divisible by the data-parallel devices times "
-        f"the micro-batches (mesh.data x mesh.fsdp x train.microbatches = {batch_ways}). Use a "
-        f"multiple of {batch_ways}."
-    )
-  model_config = ModelConfig.from_config(config.model)
-
+  is_main = process_index == 0
   train_text, eval_text = data_setup.load_corpora(d, t.seed)
   # Process 0 trains or copies the tokenizer into the workdir; the others then load that file.
   if is_main:
-    tokenizer = data_setup.run_tokenizer(d, model_config.vocab_size, workdir, train_text)
+    tokenizer = data_setup.run_tokenizer(d, model_vocab_size, workdir, train_text)
   if process_count > 1:
     multihost_utils.sync_global_devices("tokenizer ready")
   if not is_main:
-    tokenizer = data_setup.run_tokenizer(d, model_config.vocab_size, workdir, train_text,
+    tokenizer = data_setup.run_tokenizer(d, model_vocab_size, workdir, train_text,
                                          may_write=False)
   spec = DataSpec(vocab_size=tokenizer.vocab_size, seq_len=d.seq_len,
                   word_start=tokenizer.word_start)
@@ -163,6 +146,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   }
   logging.info("Examples per epoch: train %d, eval %d; tokenizer %d pieces",
                loaders["train"].epoch_size, loaders["eval"].epoch_size, tokenizer.vocab_size)
+
+  return objectives, loaders
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) the run described by `config` in `workdir`; returns the last row."""
+  process_index, process_count = jax.process_index(), jax.process_count()
+  is_main = process_index == 0
+  config_lib.validate(config, process_count)
+  prepare_workdir(workdir)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  t, d = config.train, config.data
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = rules_lib.rules_from_config(config.mesh)
+  batch_ways = mesh.shape["data"] * mesh.shape["fsdp"] * t.microbatches
+  if d.batch_size % batch_ways:
+    raise UserError(
+        f"data.batch_size ({d.batch_size}) is not divisible by the data-parallel devices times "
+        f"the micro-batches (mesh.data x mesh.fsdp x train.microbatches = {batch_ways}). Use a "
+        f"multiple of {batch_ways}."
+    )
+  model_config = ModelConfig.from_config(config.model)
+
+  objectives, loaders = _data_and_objectives(
+      config, workdir, model_config.vocab_size, process_index, process_count)
 
   model = Pretrainer(model_config, heads=tuple((o.name, o.head) for o in objectives if o.head))
   tx, schedule = optimizer.make_optimizer(config.optimizer, t.steps)
