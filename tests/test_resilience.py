@@ -75,7 +75,7 @@ def test_sigkill_at_random_moments_then_resume_is_exact(repo_root, tokenizer, tm
     process = subprocess.Popen(command, cwd=repo_root, env=_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     if kills == 0:  # During start-up (tokenizer, compile) or the first steps.
-      time.sleep(float(rng.uniform(1.0, 8.0)))
+      time.sleep(float(rng.uniform(1.0, 4.0)))
     else:  # Mid-training, a random number of steps past where the last life got to.
       target = min(STEPS - 2, max(_logged(workdir), 1) + int(rng.integers(3, 12)))
       deadline = time.time() + 120
