@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   # data: batch split; fsdp: batch split and parameters/optimizer state sharded (ZeRO-3);
   # tensor: Megatron-style split of heads, MLP and vocabulary. -1 = all remaining devices.
   # rules: entries replacing the default logical -> mesh rules (jaxlm/parallel/rules.py), e.g.
-  # "vocab=none,mlp=fsdp+tensor" (none = replicated, + joins mesh axes).
+  # "embed=none,mlp=fsdp+tensor" (none = replicated, + joins mesh axes).
   config.mesh = meshes.data_parallel()
 
   # One entry per objective; weight 0 disables it (its head and its data work too).

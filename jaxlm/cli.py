@@ -1,14 +1,13 @@
 """What every `python -m jaxlm.<verb>` entry point shares: flag parsing that turns config
 mistakes into plain messages, `UserError`s printed without traceback, and multi-host start-up."""
 
-import difflib
 import re
 import sys
 from collections.abc import Callable
 
 from absl import app, flags, logging
 
-from jaxlm.errors import UserError
+from jaxlm.errors import UserError, closest
 
 _COORDINATOR = "coordinator_address"
 
@@ -47,11 +46,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
       # config_flags registers one flag per existing config key: those are the valid keys.
       known = [n[len("config."):] for n in flags.FLAGS if n.startswith("config.")]
       key = name[len("config."):]
-      near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+      hint = closest(key, known)
       suggested = re.search(r'Did you mean "([^"]+)"', str(e))  # ml_collections' own hint.
-      if not near and suggested:
-        near = [".".join(key.split(".")[:-1] + [suggested.group(1)])]
-      hint = f" Did you mean '{near[0]}'?" if near else ""
+      if not hint and suggested:
+        hint = f" Did you mean '{'.'.join(key.split('.')[:-1] + [suggested.group(1)])}'?"
       _fail(f"Unknown config key '{key}' (from --{name}): the config has no such key.{hint} "
             "Every key is listed, with its meaning, in configs/base.py.")
     if name:

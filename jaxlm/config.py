@@ -14,6 +14,8 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
               "eval_batches", "max_consecutive_skips", "microbatches"):
     if t[key] <= 0:
       raise UserError(f"train.{key} is {t[key]}; it must be a positive integer.")
+  if t.seed < 0:
+    raise UserError(f"train.seed is {t.seed}; it must be >= 0.")
   if d.seq_len < 8:
     raise UserError(f"data.seq_len is {d.seq_len}; it must be at least 8.")
   if d.seq_len > m.max_position:

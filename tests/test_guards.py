@@ -126,3 +126,31 @@ def test_rule_overrides_replace_entries_and_are_checked():
     rules_lib.parse_rules("vocb=none")
   with pytest.raises(UserError, match="not a mesh axis"):
     rules_lib.parse_rules("vocab=tensr")
+
+
+def test_a_rule_that_cannot_apply_is_refused_not_dropped():
+  mesh = make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)),
+                   devices=jax.devices()[:8])
+  rules = rules_lib.rules_from_config(ml_collections.ConfigDict(dict(rules="mlp=fsdp")))
+  shapes = {"input_ids": jax.ShapeDtypeStruct((1, 16), jnp.int32),
+            "token_type_ids": jax.ShapeDtypeStruct((1, 16), jnp.int32),
+            "mlm_positions": jax.ShapeDtypeStruct((1, 3), jnp.int32)}
+  tx, _ = optimizer.make_optimizer(optimizers.adamw_bert(1e-3, 0), 10)
+  model = Pretrainer(CONFIG, heads=(("mlm", MlmHead),))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with pytest.raises(UserError, match=r"\['mlp'\]\['wi'\]\['kernel'\].*'mlp'"):
+      state_lib.abstract_state(model, tx, shapes, mesh, rules)
+
+
+@pytest.mark.parametrize("options", [
+    dict(mask_token_prob=0.9, random_token_prob=0.2),
+    dict(max_predictions_per_seq=0),
+    dict(mask_rate=1.5),
+])
+def test_impossible_masking_options_are_refused(options):
+  spec = DataSpec(vocab_size=64, seq_len=16, word_start=np.ones(64, bool))
+  mlm = dict(weight=1.0, mask_rate=0.15, max_predictions_per_seq=3, mask_token_prob=0.8,
+             random_token_prob=0.1, whole_word=False)
+  mlm.update(options)
+  with pytest.raises(UserError, match="objectives.mlm"):
+    build_objectives(ml_collections.ConfigDict({"mlm": mlm}), spec)

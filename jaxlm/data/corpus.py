@@ -9,6 +9,7 @@ import gzip
 import importlib.resources
 import os
 import re
+import zlib
 
 import numpy as np
 
@@ -49,7 +50,7 @@ def read_documents(paths: list[str]) -> list[Document]:
     try:
       with opener(path, "rb") as f:
         raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
       raise UserError(f"Cannot read data file '{path}': {e}.") from None
     try:
       text = raw.decode("utf-8")

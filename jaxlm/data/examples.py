@@ -18,6 +18,7 @@ import dataclasses
 import numpy as np
 
 from jaxlm.data.tokenizer import CLS_ID, PAD_ID, SEP_ID
+from jaxlm.errors import UserError
 
 TokenDocument = list[np.ndarray]  # Segments (sentences) of token ids.
 
@@ -52,7 +53,10 @@ def build_pairs(
     rows.extend(_pairs_from_document(documents, doc_index, seq_len, short_seq_prob,
                                      random_next_prob, rng))
   if not rows:
-    raise ValueError("No examples: every document is empty.")
+    raise UserError(
+        "No examples could be built: the documents are empty (or have one token each). Check "
+        "data.train_files / data.eval_files."
+    )
   order = rng.permutation(len(rows))
   input_ids = np.full((len(rows), seq_len), PAD_ID, np.int32)
   token_type_ids = np.zeros((len(rows), seq_len), np.int32)

@@ -37,12 +37,14 @@ class ExampleStream:
       short_seq_prob: float,
       random_next_prob: float,
       seed: int,
+      stream_id: int = TRAIN_STREAM,
   ):
     self._documents = documents
     self._options = dict(
         seq_len=seq_len, short_seq_prob=short_seq_prob, random_next_prob=random_next_prob
     )
     self._seed = seed
+    self._stream_id = stream_id
     self._cache: dict[int, Examples] = {}
     # Epochs differ a little in length; all are cut or wrapped to the first one's size so that
     # the epoch of example g is g // epoch_size without building the epochs before it.
@@ -50,7 +52,7 @@ class ExampleStream:
 
   def _build(self, epoch: int) -> Examples:
     if epoch not in self._cache:
-      rng = np.random.default_rng([self._seed, epoch])
+      rng = np.random.default_rng([self._seed, self._stream_id, epoch])
       examples = build_pairs(self._documents, rng=rng, **self._options)
       if len(self._cache) >= 2:
         self._cache.pop(min(self._cache))

@@ -53,6 +53,7 @@ def train(
 
 
 def _train_into(model, lines, vocab_size, model_type, max_sentences, seed_sentences) -> None:
+  spm.set_random_generator_seed(0)  # Sentence sampling of large corpora is then repeatable.
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(lines),
       model_writer=model,

@@ -61,7 +61,8 @@ class MultiHeadAttention(nn.Module):
     k_BKHK = project("key")(kv_BKD)
     v_BKHK = project("value")(kv_BKD)
     # Scores and softmax in float32 whatever the compute dtype: bf16 softmax loses mass.
-    scores_BHQK = jnp.einsum("bqhd,bkhd->bhqk", q_BQHK, k_BKHK).astype(jnp.float32)
+    scores_BHQK = jnp.einsum("bqhd,bkhd->bhqk", q_BQHK, k_BKHK,
+                             preferred_element_type=jnp.float32)
     scores_BHQK = jnp.where(mask_BHQK, scores_BHQK, jnp.finfo(jnp.float32).min)
     probs_BHQK = jax.nn.softmax(scores_BHQK, axis=-1).astype(c.dtype)
     probs_BHQK = nn.Dropout(c.attention_dropout_rate)(probs_BHQK, deterministic=deterministic)

@@ -32,7 +32,7 @@ class MlmHead(nn.Module):
     h_BPD = init.dense(c, c.hidden_size, (axes.EMBED, axes.EMBED_OUT), "transform")(h_BPD)
     h_BPD = init.layer_norm(c, "layer_norm")(nn.gelu(h_BPD, approximate=False))
     table_VD = encoded.token_table_VD.astype(c.dtype)
-    logits_BPV = jnp.einsum("bpd,vd->bpv", h_BPD, table_VD).astype(jnp.float32)
+    logits_BPV = jnp.einsum("bpd,vd->bpv", h_BPD, table_VD, preferred_element_type=jnp.float32)
     bias_V = self.param("bias", init.zeros((axes.VOCAB,)), (c.vocab_size,), c.param_dtype)
     logits_BPV = logits_BPV + bias_V.astype(jnp.float32)
     return nn.with_logical_constraint(logits_BPV, (axes.BATCH, axes.PREDICTIONS, axes.VOCAB))

@@ -70,10 +70,6 @@ def register(cls: type[Objective]) -> type[Objective]:
   return cls
 
 
-def registered() -> dict[str, type[Objective]]:
-  return dict(_REGISTRY)
-
-
 def build_objectives(config: ml_collections.ConfigDict, data: DataSpec) -> list[Objective]:
   """The enabled objectives (weight > 0), in config order. Unknown names are an error."""
   enabled = []

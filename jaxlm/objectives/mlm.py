@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from jaxlm.data.masking import MaskingOptions, mask_tokens
+from jaxlm.errors import UserError
 from jaxlm.models.heads import MlmHead
 from jaxlm.objectives.base import Aux, Batch, Objective, mean_cross_entropy, register
 
@@ -30,6 +31,13 @@ class MaskedLm(Objective):
 
   def __init__(self, options, data):
     super().__init__(options, data)
+    if not 0.0 < options.mask_rate <= 1.0 or options.max_predictions_per_seq < 1:
+      raise UserError("objectives.mlm.mask_rate must be in (0, 1] and "
+                      "objectives.mlm.max_predictions_per_seq at least 1.")
+    if min(options.mask_token_prob, options.random_token_prob) < 0 or (
+        options.mask_token_prob + options.random_token_prob > 1.0):
+      raise UserError("objectives.mlm.mask_token_prob and random_token_prob must be >= 0 and "
+                      "sum to at most 1 (the rest keep their token).")
     self.masking = MaskingOptions(
         rate=options.mask_rate,
         max_predictions=options.max_predictions_per_seq,

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from jaxlm.errors import UserError
 from jaxlm.models.heads import NspHead
 from jaxlm.objectives.base import Aux, Objective, mean_cross_entropy, register
 
@@ -19,6 +20,11 @@ class NextSentencePrediction(Objective):
   name = "nsp"
   head = NspHead
   default_options = dict(weight=1.0, random_next_prob=0.5)
+
+  def __init__(self, options, data):
+    super().__init__(options, data)
+    if not 0.0 < options.random_next_prob < 1.0:
+      raise UserError("objectives.nsp.random_next_prob must be in (0, 1): NSP needs both labels.")
 
   def example_options(self) -> dict:
     return {"random_next_prob": float(self.options.random_next_prob)}

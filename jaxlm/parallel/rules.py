@@ -44,7 +44,7 @@ def rules_from_config(mesh_config: ml_collections.ConfigDict) -> Rules:
 
   `mesh.rules` is a string (so it can be overridden from the command line) of comma-separated
   `logical=mesh` entries, where `mesh` is `none` (replicated), one mesh axis, or several joined
-  by `+`: e.g. `"vocab=none,mlp=fsdp+tensor"`.
+  by `+`: e.g. `"embed=none,mlp=fsdp+tensor"`.
   """
   overrides = parse_rules(mesh_config.rules)
   return tuple((name, overrides.get(name, target)) for name, target in DEFAULT_RULES)
@@ -104,4 +104,28 @@ def check_divisible(abstract_params, shardings, mesh: jax.sharding.Mesh) -> None
             f"Parameter {jax.tree_util.keystr(path)} of shape {leaf.shape} cannot be split "
             f"over mesh axes {names} ({size} devices): {dim} is not divisible by {size}. "
             "Change the model size or the mesh (mesh.data / mesh.fsdp / mesh.tensor)."
+        )
+
+
+def check_rules_applied(boxed_params, shardings, rules: Rules) -> None:
+  """Every named dimension with a rule must be sharded as the rule says.
+
+  Flax gives a mesh axis to at most one dimension of an array and silently leaves a later
+  dimension that asks for the same axis unsharded (e.g. `mlp=fsdp` next to `embed=fsdp`).
+  That is refused here, naming the parameter and the rules in conflict.
+  """
+  table = dict(rules)
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  boxes = jax.tree_util.tree_flatten_with_path(boxed_params, is_leaf=is_box)[0]
+  for (path, box), sharding in zip(boxes, jax.tree_util.tree_leaves(shardings)):
+    if not is_box(box):
+      continue
+    for name, got in zip(box.names, tuple(sharding.spec) + (None,) * len(box.names)):
+      want = table.get(name)
+      if want is not None and got is None:
+        raise UserError(
+            f"Parameter {jax.tree_util.keystr(path)} has axes {box.names}: the rule "
+            f"'{name}' -> {want} cannot apply because another of its axes already uses that "
+            f"mesh axis (a mesh axis shards one dimension per array). Change mesh.rules, e.g. "
+            f"'embed=none,{name}=...'."
         )

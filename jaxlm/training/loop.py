@@ -117,10 +117,19 @@ def _data_and_objectives(config, workdir: str, model_vocab_size: int, process_in
   is_main = process_index == 0
   train_text, eval_text = data_setup.load_corpora(d, t.seed)
   # Process 0 trains or copies the tokenizer into the workdir; the others then load that file.
+  # A failure on process 0 is shared, so no process waits at the barrier for ever.
+  failure = None
   if is_main:
-    tokenizer = data_setup.run_tokenizer(d, model_vocab_size, workdir, train_text)
+    try:
+      tokenizer = data_setup.run_tokenizer(d, model_vocab_size, workdir, train_text)
+    except UserError as e:
+      failure = e
   if process_count > 1:
-    multihost_utils.sync_global_devices("tokenizer ready")
+    failed = multihost_utils.broadcast_one_to_all(np.int32(failure is not None))
+    if failed and not is_main:
+      raise UserError("Process 0 could not prepare the tokenizer; its log says why.")
+  if failure is not None:
+    raise failure
   if not is_main:
     tokenizer = data_setup.run_tokenizer(d, model_vocab_size, workdir, train_text,
                                          may_write=False)
@@ -131,14 +140,15 @@ def _data_and_objectives(config, workdir: str, model_vocab_size: int, process_in
   for objective in objectives:
     example_options.update(objective.example_options())
 
-  def stream(text, seed):
+  def stream(text, stream_id):
     return loader_lib.ExampleStream(data_setup.tokenize(text, tokenizer), seq_len=d.seq_len,
-                                    short_seq_prob=d.short_seq_prob, seed=seed, **example_options)
+                                    short_seq_prob=d.short_seq_prob, seed=t.seed,
+                                    stream_id=stream_id, **example_options)
 
   transforms = [(o.name, o.host_transform) for o in objectives]
   loaders = {
       name: loader_lib.BatchLoader(
-          stream(text, t.seed + stream_id), global_batch_size=d.batch_size, transforms=transforms,
+          stream(text, stream_id), global_batch_size=d.batch_size, transforms=transforms,
           seed=t.seed, stream_id=stream_id, process_index=process_index,
           process_count=process_count)
       for name, text, stream_id in (("train", train_text, loader_lib.TRAIN_STREAM),
@@ -163,6 +173,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   t, d = config.train, config.data
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = rules_lib.rules_from_config(config.mesh)
+  if (mesh.shape["data"] * mesh.shape["fsdp"]) % process_count:
+    raise UserError(
+        f"mesh.data x mesh.fsdp ({mesh.shape['data'] * mesh.shape['fsdp']}) must be a multiple "
+        f"of the {process_count} processes, so that each process feeds whole batch shards."
+    )
   batch_ways = mesh.shape["data"] * mesh.shape["fsdp"] * t.microbatches
   if d.batch_size % batch_ways:
     raise UserError(

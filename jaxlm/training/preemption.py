@@ -25,6 +25,13 @@ class StopRequest:
         self._previous[sig] = signal.signal(sig, self._on_signal)
 
   def _on_signal(self, signum, frame) -> None:
+    if self._multi_process and not self._flag.is_set():
+      # Hand Ctrl-C to JAX's preemption notifier (it owns SIGTERM), so every host gets the same
+      # sync point instead of each stopping at the step its own signal arrived.
+      self._flag.set()
+      logging.warning("Got SIGINT: all processes will save a checkpoint at the same step.")
+      signal.raise_signal(signal.SIGTERM)
+      return
     if self._flag.is_set():  # A second signal: stop now, the old way.
       self.restore()
       signal.raise_signal(signum)
@@ -37,7 +44,7 @@ class StopRequest:
     """True once a stop was requested (on every host at the same `step`)."""
     if self._multi_process:
       try:
-        return self._reached_sync_point(step) or self._flag.is_set()
+        return self._reached_sync_point(step)
       except Exception:  # No preemption service (e.g. not started by jax.distributed).
         return self._flag.is_set()
     return self._flag.is_set()

@@ -55,6 +55,7 @@ def abstract_state(
       is_leaf=lambda x: isinstance(x, nn.Partitioned),
   )
   rules_lib.check_divisible(plain.params, shardings.params, mesh)
+  rules_lib.check_rules_applied(boxed.params, shardings.params, rules)
   abstract = jax.tree_util.tree_map(
       lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
       plain,

@@ -80,13 +80,20 @@ def train_step(
       "grad_norm": grad_norm,
       "param_norm": optax.tree.norm(new_state.params),
       "update_norm": optax.tree.norm(updates),
-      "learning_rate": schedule(state.step),
+      # The schedule follows the optimizer's own count, which skipped steps do not advance.
+      "learning_rate": schedule(_optimizer_count(state.opt_state)),
       "skipped": (~finite).astype(jnp.int32),
   }
   for name, (total, count) in aux.items():
     metrics[name + "/sum"] = total
     metrics[name + "/count"] = count
   return new_state, metrics
+
+
+def _optimizer_count(opt_state) -> jax.Array:
+  """Updates applied so far (optax's count; skipped steps are not counted)."""
+  counts = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+  return counts[0][1] if counts else jnp.zeros((), jnp.int32)
 
 
 def _accumulate(grad_fn, params, batch, dropout_rng, microbatches: int):
