@@ -2,6 +2,7 @@
 rule table is overridden with checked entries."""
 
 import functools
+import time
 
 import flax.linen as nn
 import jax
@@ -154,3 +155,38 @@ def test_impossible_masking_options_are_refused(options):
   mlm.update(options)
   with pytest.raises(UserError, match="objectives.mlm"):
     build_objectives(ml_collections.ConfigDict({"mlm": mlm}), spec)
+
+
+def test_a_save_cut_by_a_kill_is_ignored_cleaned_and_saved_again(tmp_path):
+  """A SIGKILL during an async save leaves `<step>.orbax-checkpoint-tmp`; it must not count."""
+  mesh = make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)),
+                   devices=jax.devices()[:1])
+  rules = rules_lib.DEFAULT_RULES
+  shapes = {"input_ids": jax.ShapeDtypeStruct((1, 16), jnp.int32),
+            "token_type_ids": jax.ShapeDtypeStruct((1, 16), jnp.int32),
+            "mlm_positions": jax.ShapeDtypeStruct((1, 3), jnp.int32)}
+  tx, _ = optimizer.make_optimizer(optimizers.adamw_bert(1e-3, 0), 10)
+  directory = tmp_path / "ckpt"
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    model = Pretrainer(CONFIG, heads=(("mlm", MlmHead),))
+    abstract, shardings = state_lib.abstract_state(model, tx, shapes, mesh, rules)
+    state = state_lib.init_state(jax.random.key(0), model, tx, shapes, shardings)
+    first = checkpoints.Checkpointer(str(directory), keep=3)
+    first.save(2, state, {"step": 2})
+    first.wait()
+    first.close()
+    cut = directory / "4.orbax-checkpoint-tmp"
+    (cut / "state").mkdir(parents=True)
+    (cut / "state" / "partial").write_bytes(b"\0" * 100)
+    again = checkpoints.Checkpointer(str(directory), keep=3)
+    assert again.steps() == [2]
+    deadline = time.time() + 20  # orbax removes it in the background.
+    while cut.exists() and time.time() < deadline:
+      time.sleep(0.1)
+    assert not cut.exists()
+    _, position = again.restore_newest(abstract)
+    assert position == {"step": 2}
+    again.save(4, state, {"step": 4})
+    again.wait()
+    assert again.steps() == [2, 4]
+    again.close()
