@@ -20,8 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
           # slice) and averages their gradients before one update.
           microbatches=1,
           log_every=50,  # Write metrics.jsonl / TensorBoard rows every this many steps.
-          eval_every=500,  # Evaluate on the eval split every this many steps (and at the end).
-          eval_batches=8,  # Batches per evaluation (the eval split is cycled if smaller).
+          eval_every=500,  # Evaluate on the fixed eval set every this many steps (and at the end).
           checkpoint_every=1000,  # Save a checkpoint every this many steps (and at the end).
           keep_checkpoints=3,  # Keep the newest this many checkpoints.
           max_consecutive_skips=5,  # Stop after this many steps in a row with non-finite loss.
@@ -32,15 +31,28 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict(
       dict(
-          train_files="",  # Comma-separated paths/globs (.txt or .txt.gz); "" = embedded corpus.
-          eval_files="",  # "" = hold out documents of the training files (eval_fraction).
-          eval_fraction=0.05,  # Share of documents held out when eval_files is "".
-          tokenizer="",  # A jaxlm sentencepiece .model; "" = train one into the workdir.
+          # A folder made by `python -m jaxlm.prepare`, or comma-separated paths/globs of text
+          # (.txt, .txt.gz, .jsonl, .jsonl.gz), prepared on first use into <workdir>/prepared;
+          # "" = the embedded corpus.
+          train_files="",
+          # "" = the prepared data's eval split (documents held out by a hash of their text);
+          # else a prepared folder (its eval split) or text files.
+          eval_files="",
+          eval_fraction=0.05,  # Share of documents held out when text is prepared on first use.
+          tokenizer="",  # A jaxlm sentencepiece .model for text prepared on first use; "" = train one.
           tokenizer_type="unigram",  # unigram | bpe, when training one.
           tokenizer_vocab_size=0,  # Pieces when training one; 0 = model.vocab_size.
+          # Example format: pairs (BERT, with NSP labels) | full_sentences (RoBERTa) | packed
+          # (documents joined by [SEP], cut into seq_len windows).
+          format="pairs",
           seq_len=128,
           batch_size=256,  # Global: split over hosts and the data/fsdp mesh axes.
-          short_seq_prob=0.1,  # Share of examples with a random shorter target length.
+          short_seq_prob=0.1,  # pairs: share of examples with a random shorter length.
+          # The fixed eval set: this many sequences of held-out text, chosen and masked by
+          # eval_seed alone (not train.seed, the batch size, the format or the objectives).
+          eval_examples=4096,
+          eval_seed=1234,
+          allow_data_change=False,  # Resume a workdir on data with another fingerprint.
       )
   )
 
@@ -67,6 +79,19 @@ def get_config() -> ml_collections.ConfigDict:
           nsp=dict(
               weight=1.0,
               random_next_prob=0.5,  # How often segment B comes from another document.
+          ),
+      )
+  )
+
+  # How the fixed eval set is corrupted per objective, the same for every arm of an ablation.
+  config.eval = ml_collections.ConfigDict(
+      dict(
+          mlm=dict(
+              mask_rate=0.15,
+              max_predictions_per_seq=-1,  # -1 = ceil(mask_rate x seq_len).
+              mask_token_prob=0.8,
+              random_token_prob=0.1,
+              whole_word=False,
           ),
       )
   )

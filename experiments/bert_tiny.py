@@ -27,6 +27,6 @@ def get_config():
   config.train.steps = 300
   config.train.log_every = 10
   config.train.eval_every = 100
-  config.train.eval_batches = 4
+  config.data.eval_examples = 512
   config.train.checkpoint_every = 100
   return config

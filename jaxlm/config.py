@@ -11,7 +11,7 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
   """Raises UserError with one clear message for the first impossible setting found."""
   t, d, m, o = config.train, config.data, config.model, config.optimizer
   for key in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-              "eval_batches", "max_consecutive_skips", "microbatches"):
+              "max_consecutive_skips", "microbatches"):
     if t[key] <= 0:
       raise UserError(f"train.{key} is {t[key]}; it must be a positive integer.")
   if t.seed < 0:
@@ -30,6 +30,10 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
     )
   if not 0.0 <= d.short_seq_prob <= 1.0 or not 0.0 < d.eval_fraction < 1.0:
     raise UserError("data.short_seq_prob must be in [0, 1] and data.eval_fraction in (0, 1).")
+  if d.eval_examples < 1:
+    raise UserError(f"data.eval_examples is {d.eval_examples}; it must be at least 1.")
+  if d.eval_seed < 0:
+    raise UserError(f"data.eval_seed is {d.eval_seed}; it must be >= 0.")
   if m.hidden_size % m.num_heads:
     raise UserError(
         f"model.hidden_size ({m.hidden_size}) is not divisible by model.num_heads ({m.num_heads})."

@@ -1,4 +1,4 @@
-"""Shared fixtures: a small tokenizer trained on the embedded corpus, and its tokenized documents.
+"""Shared fixtures: the embedded corpus, a small tokenizer trained on it, and its prepared folder.
 
 The mesh tests need 8 devices. Simulated CPU devices must be requested before JAX starts, so
 this file asks for them when XLA_FLAGS does not already say how many (pytest imports it before
@@ -13,7 +13,9 @@ if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
 
 import pytest  # noqa: E402
 
-from jaxlm.data import corpus, setup, tokenizer as tokenizer_lib  # noqa: E402
+import collections  # noqa: E402
+
+from jaxlm.data import prepare, setup, shards, text, tokenizer as tokenizer_lib  # noqa: E402
 
 TOKENIZER_VOCAB = 512
 
@@ -27,18 +29,25 @@ def repo_root():
 @pytest.fixture(scope="session")
 def corpus_documents():
   """The embedded corpus as text documents (lists of paragraphs)."""
-  return corpus.read_documents([corpus.default_corpus_path()])
+  return list(text.iter_documents(setup.default_corpus_path(), counts=collections.Counter()))
+
+
+def sentences_of(documents):
+  return [s for d in documents for p in d for s in text.split_sentences(p)]
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory, corpus_documents):
   """A 512-piece jaxlm tokenizer; trained on a sample of sentences to stay near 2 s."""
-  lines = [s for d in corpus_documents for p in d for s in corpus.split_sentences(p)]
   path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
-  return tokenizer_lib.train(lines, str(path), vocab_size=TOKENIZER_VOCAB, max_sentences=4000)
+  return tokenizer_lib.train(sentences_of(corpus_documents), str(path), vocab_size=TOKENIZER_VOCAB,
+                             max_sentences=4000)
 
 
 @pytest.fixture(scope="session")
-def token_documents(corpus_documents, tokenizer):
-  """The embedded corpus tokenized: documents of sentence segments (int32 arrays)."""
-  return setup.tokenize(corpus_documents, tokenizer)
+def prepared_corpus(tmp_path_factory, tokenizer):
+  """The embedded corpus prepared with that tokenizer (5% of documents held out)."""
+  output = str(tmp_path_factory.mktemp("prepared") / "jargon")
+  prepare.prepare(prepare.PrepareOptions(inputs=setup.default_corpus_path(), output=output,
+                                         tokenizer=tokenizer.path, eval_fraction=0.05))
+  return shards.PreparedData(output)

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from jaxlm.data import masking, random
 from jaxlm.data.masking import MaskingOptions, mask_tokens
 from jaxlm.data.tokenizer import CLS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID
 
@@ -13,8 +14,8 @@ LENGTH = 128
 BATCHES, ROWS = 64, 32
 
 
-def _rngs(seeds):
-  return [np.random.default_rng([7, int(s)]) for s in seeds]
+def _keys(seeds):
+  return random.row_keys(7, np.asarray(seeds))
 
 
 def _bert_rows(rng, rows=ROWS, length=LENGTH, vocab=VOCAB):
@@ -38,7 +39,7 @@ def draws():
     # A few rows that are short, so that max(1, ...) and min(count, ...) matter.
     ids[0, 4:] = PAD_ID
     ids[1, 2:] = PAD_ID  # [CLS] and one regular token.
-    out.append((ids, mask_tokens(ids, _rngs(range(b * ROWS, (b + 1) * ROWS)), MaskingOptions(),
+    out.append((ids, mask_tokens(ids, _keys(range(b * ROWS, (b + 1) * ROWS)), MaskingOptions(),
                                  vocab_size=VOCAB)))
   return out
 
@@ -129,7 +130,7 @@ def test_replacement_split_is_80_10_10(draws):
 def test_random_replacements_are_uniform_over_regular_ids():
   ids = np.full((4096, 64), 5, np.int32)
   options = MaskingOptions(mask_token_prob=0.0, random_token_prob=1.0, max_predictions=10)
-  out = mask_tokens(ids, _rngs(range(4096)), options, vocab_size=16)
+  out = mask_tokens(ids, _keys(range(4096)), options, vocab_size=16)
   chosen = _chosen(ids, out)
   values = out["input_ids"][chosen]
   counts = np.bincount(values, minlength=16)
@@ -143,7 +144,7 @@ def test_custom_split_is_respected():
   ids = np.random.default_rng(1).integers(NUM_SPECIAL, VOCAB, (512, LENGTH)).astype(np.int32)
   options = MaskingOptions(rate=0.5, max_predictions=64, mask_token_prob=0.3,
                            random_token_prob=0.6)
-  out = mask_tokens(ids, _rngs(range(512)), options, vocab_size=VOCAB)
+  out = mask_tokens(ids, _keys(range(512)), options, vocab_size=VOCAB)
   assert (out["mlm_weights"].sum(axis=1) == 64).all()
   chosen = _chosen(ids, out)
   after, before = out["input_ids"][chosen], ids[chosen]
@@ -154,7 +155,7 @@ def test_custom_split_is_respected():
 
 def test_rows_with_only_special_tokens_get_no_prediction():
   ids = np.array([[CLS_ID, SEP_ID, SEP_ID] + [PAD_ID] * 29, [PAD_ID] * 32], np.int32)
-  out = mask_tokens(ids, _rngs([1, 2]), MaskingOptions(), vocab_size=VOCAB)
+  out = mask_tokens(ids, _keys([1, 2]), MaskingOptions(), vocab_size=VOCAB)
   assert out["mlm_weights"].sum() == 0
   np.testing.assert_array_equal(out["input_ids"], ids)
 
@@ -164,7 +165,7 @@ def test_sequences_shorter_than_max_predictions():
   ids = np.full((3, 16), 9, np.int32)
   ids[:, 0], ids[:, -1] = CLS_ID, SEP_ID
   ids[2, 5:] = PAD_ID
-  out = mask_tokens(ids, _rngs([1, 2, 3]), MaskingOptions(rate=0.5), vocab_size=VOCAB)
+  out = mask_tokens(ids, _keys([1, 2, 3]), MaskingOptions(rate=0.5), vocab_size=VOCAB)
   assert out["mlm_positions"].shape == (3, 20)
   np.testing.assert_array_equal(out["mlm_weights"].sum(axis=1), [7, 7, 2])
   assert (out["mlm_ids"][out["mlm_weights"] > 0] == 9).all()
@@ -174,7 +175,7 @@ def test_each_position_is_chosen_about_equally_often():
   rows, length = 4096, 64
   ids = np.random.default_rng(2).integers(NUM_SPECIAL, VOCAB, (rows, length)).astype(np.int32)
   options = MaskingOptions()
-  out = mask_tokens(ids, _rngs(range(rows)), options, vocab_size=VOCAB)
+  out = mask_tokens(ids, _keys(range(rows)), options, vocab_size=VOCAB)
   counts = _chosen(ids, out).sum(axis=0)
   per_row = round(options.rate * length)
   assert counts.sum() == rows * per_row
@@ -188,26 +189,56 @@ def test_each_position_is_chosen_about_equally_often():
 
 def test_same_seeds_give_same_masks_and_other_seeds_differ():
   ids = _bert_rows(np.random.default_rng(3))
-  a = mask_tokens(ids, _rngs(range(ROWS)), MaskingOptions(), vocab_size=VOCAB)
-  b = mask_tokens(ids, _rngs(range(ROWS)), MaskingOptions(), vocab_size=VOCAB)
-  c = mask_tokens(ids, _rngs(range(100, 100 + ROWS)), MaskingOptions(), vocab_size=VOCAB)
+  a = mask_tokens(ids, _keys(range(ROWS)), MaskingOptions(), vocab_size=VOCAB)
+  b = mask_tokens(ids, _keys(range(ROWS)), MaskingOptions(), vocab_size=VOCAB)
+  c = mask_tokens(ids, _keys(range(100, 100 + ROWS)), MaskingOptions(), vocab_size=VOCAB)
   for key in a:
     np.testing.assert_array_equal(a[key], b[key])
   assert not np.array_equal(a["mlm_positions"], c["mlm_positions"])
 
 
-def test_a_row_depends_only_on_its_own_generator():
+@pytest.mark.parametrize("whole_word", [False, True])
+def test_a_row_depends_only_on_its_own_key(whole_word):
   ids = _bert_rows(np.random.default_rng(4))
+  ids[5, 3:] = PAD_ID  # A short row: the whole-word path pads words to the batch's longest row.
+  options = MaskingOptions(whole_word=whole_word)
+  word_start = (np.arange(VOCAB) < NUM_SPECIAL) | (np.arange(VOCAB) % 4 == 0)
+
+  def mask(rows, seeds):
+    return mask_tokens(ids[rows], _keys(seeds), options, vocab_size=VOCAB,
+                       word_start_V=word_start)
+
   seeds = np.arange(ROWS)
-  whole = mask_tokens(ids, _rngs(seeds), MaskingOptions(), vocab_size=VOCAB)
+  whole = mask(seeds, seeds)
   order = np.random.default_rng(5).permutation(ROWS)
-  shuffled = mask_tokens(ids[order], _rngs(seeds[order]), MaskingOptions(), vocab_size=VOCAB)
+  shuffled = mask(order, seeds[order])
   for key in whole:
     np.testing.assert_array_equal(shuffled[key], whole[key][order])
   # A smaller batch (as on one of several hosts) gives those rows the same masks.
-  part = mask_tokens(ids[8:12], _rngs(seeds[8:12]), MaskingOptions(), vocab_size=VOCAB)
-  for key in whole:
-    np.testing.assert_array_equal(part[key], whole[key][8:12])
+  for part in (np.arange(8, 12), np.array([5]), np.array([5, 30])):
+    out = mask(part, seeds[part])
+    for key in whole:
+      np.testing.assert_array_equal(out[key], whole[key][part])
+  # The key decides: the same tokens under two keys are masked differently.
+  swapped = mask_tokens(ids[[3, 3]], _keys([3, 9]), options, vocab_size=VOCAB,
+                        word_start_V=word_start)
+  assert not np.array_equal(swapped["mlm_positions"][0], swapped["mlm_positions"][1])
+
+
+def test_pieces_are_the_candidates_of_smallest_key():
+  """The exact rule: a row's `n_predict` candidates with the smallest choice draws."""
+  ids = _bert_rows(np.random.default_rng(9), rows=256)
+  keys = _keys(range(256))
+  options = MaskingOptions()
+  out = mask_tokens(ids, keys, options, vocab_size=VOCAB)
+  draw = random.uniform(keys, masking._CHOOSE_DRAW, (LENGTH,))
+  for r in range(len(ids)):
+    candidates = np.flatnonzero(ids[r] >= NUM_SPECIAL)
+    n = min(options.max_predictions, max(1, round(options.rate * len(candidates))),
+            len(candidates))
+    want = np.sort(candidates[np.argsort(draw[r, candidates])[:n]])
+    got = out["mlm_positions"][r][out["mlm_weights"][r] > 0]
+    np.testing.assert_array_equal(got, want)
 
 
 # Whole-word masking. A hand-made table: regular ids divisible by 4 begin a word.
@@ -234,7 +265,7 @@ def test_whole_word_masking_chooses_whole_words_within_budget(max_predictions):
   rng = np.random.default_rng(6)
   ids = _bert_rows(rng, rows=256, length=96, vocab=WW_VOCAB)
   options = MaskingOptions(max_predictions=max_predictions, whole_word=True)
-  out = mask_tokens(ids, _rngs(range(256)), options, vocab_size=WW_VOCAB, word_start_V=WORD_START)
+  out = mask_tokens(ids, _keys(range(256)), options, vocab_size=WW_VOCAB, word_start_V=WORD_START)
   chosen = _chosen(ids, out)
   counts = chosen.sum(axis=1)
   assert (counts <= max_predictions).all()
@@ -257,7 +288,7 @@ def test_whole_word_masking_chooses_whole_words_within_budget(max_predictions):
     np.testing.assert_array_equal(out["mlm_ids"][r, :counts[r]], ids[r][chosen[r]])
   assert multi_piece_words_chosen > 50
   # Per-piece masking on the same rows splits words; whole-word masking never does.
-  pieces = mask_tokens(ids, _rngs(range(256)), MaskingOptions(max_predictions=max_predictions),
+  pieces = mask_tokens(ids, _keys(range(256)), MaskingOptions(max_predictions=max_predictions),
                        vocab_size=WW_VOCAB)
   split = 0
   for r in range(len(ids)):
@@ -266,7 +297,31 @@ def test_whole_word_masking_chooses_whole_words_within_budget(max_predictions):
   assert split > 0
 
 
+def test_whole_word_masking_matches_a_per_row_reference():
+  """The vectorised greedy fill against the plain one: words in order of their first piece's
+  choice draw, each taken if it fits in what is left of the budget."""
+  ids = _bert_rows(np.random.default_rng(10), rows=300, length=64, vocab=WW_VOCAB)
+  ids[0, 2:] = PAD_ID
+  ids[1] = PAD_ID
+  keys = _keys(range(300))
+  for max_predictions in (20, 3):
+    options = MaskingOptions(max_predictions=max_predictions, whole_word=True)
+    out = mask_tokens(ids, keys, options, vocab_size=WW_VOCAB, word_start_V=WORD_START)
+    draw = random.uniform(keys, masking._CHOOSE_DRAW, (64,))
+    for r in range(len(ids)):
+      words = _words(ids[r])
+      n = sum(map(len, words))
+      budget = min(max_predictions, max(1, round(options.rate * n)), n)
+      want = []
+      for w in sorted(words, key=lambda word: draw[r, word[0]]):
+        if len(w) <= budget:
+          want += w
+          budget -= len(w)
+      got = out["mlm_positions"][r][out["mlm_weights"][r] > 0]
+      np.testing.assert_array_equal(got, sorted(want), err_msg=f"row {r}")
+
+
 def test_whole_word_masking_needs_the_table():
   ids = _bert_rows(np.random.default_rng(8), rows=2)
   with pytest.raises(ValueError, match="word_start"):
-    mask_tokens(ids, _rngs([0, 1]), MaskingOptions(whole_word=True), vocab_size=VOCAB)
+    mask_tokens(ids, _keys([0, 1]), MaskingOptions(whole_word=True), vocab_size=VOCAB)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from jaxlm.data import corpus, tokenizer as tokenizer_lib
+from jaxlm.data import tokenizer as tokenizer_lib
+from conftest import sentences_of
 from jaxlm.data.tokenizer import CLS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID, UNK_ID
 from jaxlm.errors import UserError
 
@@ -26,7 +27,7 @@ def test_special_pieces_sit_at_fixed_ids(tokenizer):
 
 
 def test_ordinary_text_never_yields_control_ids(tokenizer, corpus_documents):
-  sentences = [s for d in corpus_documents[:20] for p in d for s in corpus.split_sentences(p)]
+  sentences = sentences_of(corpus_documents[:20])
   ids = np.concatenate([np.asarray(x) for x in tokenizer.encode_batch(sentences + TEXT) if x])
   assert ids.size > 1000
   assert not np.isin(ids, [PAD_ID, CLS_ID, SEP_ID, MASK_ID]).any()
@@ -73,7 +74,7 @@ def test_word_start_agrees_with_encoded_words(tokenizer):
 
 
 def _sentencepiece_defaults_model(path, corpus_documents, **overrides):
-  lines = [s for d in corpus_documents[:30] for p in d for s in corpus.split_sentences(p)]
+  lines = sentences_of(corpus_documents[:30])
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model,
                                  vocab_size=200, minloglevel=2, **overrides)

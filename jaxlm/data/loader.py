@@ -1,75 +1,32 @@
-"""The deterministic, resumable, host-sharded input pipeline.
+"""The deterministic, resumable, host-sharded input pipeline over a prepared split.
 
-What a step sees is a pure function of (config, step): example `g` of the run is example
-`g % epoch_size` of epoch `g // epoch_size`, and each epoch's examples are built afresh (new
-pairs, new random-next segments) from a seed derived from (seed, epoch). Host-side corruption
-(masking, permutations) is applied per example with a Generator seeded by
-(seed, stream, step, index in the global batch, transform name). So a resumed run, or a run on
-another number of hosts, sees exactly the same batches; the checkpoint needs only the step.
+Example `g` of a run (g = step x global batch + row) is example `perm_e(g % N)` of the format,
+where `e = g // N` is its epoch, N the examples in one pass, and `perm_e` a lazily evaluated
+pseudo-random permutation keyed by (seed, epoch): no epoch is ever built. Every random choice for
+row g (the format's pairs and NSP draws, each transform's masks) comes from counter-based keys
+of (seed, stream, g), so a resumed run, or a run on another number of hosts, sees exactly the
+same batches; the checkpoint needs only the step. Each host computes only its rows.
+
+The eval set is fixed: example k < `num_examples` is example `perm(k)` under the eval seed, its
+masks keyed by k; the last batch is filled with padding rows that objectives weigh 0.
 
 This module knows no objective: the training loop hands it named transforms.
 """
 
 import queue
 import threading
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from jaxlm.data.examples import Examples, TokenDocument, build_pairs
+from jaxlm.data import random as random_lib
+from jaxlm.data.formats import Format
 
 Batch = dict[str, np.ndarray]
-# A host-side transform: (batch, one Generator per example) -> batch.
-Transform = Callable[[Batch, Sequence[np.random.Generator]], Batch]
+# A host-side transform: (batch, one uint64 key per example) -> batch.
+Transform = Callable[[Batch, np.ndarray], Batch]
 
 TRAIN_STREAM, EVAL_STREAM = 0, 1
-
-
-class ExampleStream:
-  """An endless sequence of BERT examples: epoch after epoch over the documents."""
-
-  def __init__(
-      self,
-      documents: list[TokenDocument],
-      *,
-      seq_len: int,
-      short_seq_prob: float,
-      random_next_prob: float,
-      seed: int,
-      stream_id: int = TRAIN_STREAM,
-  ):
-    self._documents = documents
-    self._options = dict(
-        seq_len=seq_len, short_seq_prob=short_seq_prob, random_next_prob=random_next_prob
-    )
-    self._seed = seed
-    self._stream_id = stream_id
-    self._cache: dict[int, Examples] = {}
-    # Epochs differ a little in length; all are cut or wrapped to the first one's size so that
-    # the epoch of example g is g // epoch_size without building the epochs before it.
-    self.epoch_size = len(self._build(0))
-
-  def _build(self, epoch: int) -> Examples:
-    if epoch not in self._cache:
-      rng = np.random.default_rng([self._seed, self._stream_id, epoch])
-      examples = build_pairs(self._documents, rng=rng, **self._options)
-      if len(self._cache) >= 2:
-        self._cache.pop(min(self._cache))
-      self._cache[epoch] = examples
-    return self._cache[epoch]
-
-  def take(self, indices: np.ndarray) -> Examples:
-    """Examples at global indices (which may span an epoch boundary), in order."""
-    epochs = indices // self.epoch_size
-    parts = []
-    for epoch in np.unique(epochs):
-      examples = self._build(int(epoch))
-      within = indices[epochs == epoch] % self.epoch_size
-      parts.append(examples.take(within % len(examples)))
-    if len(parts) == 1:
-      return parts[0]
-    return Examples(*(np.concatenate(x) for x in zip(*(vars(p).values() for p in parts))))
 
 
 class BatchLoader:
@@ -77,7 +34,7 @@ class BatchLoader:
 
   def __init__(
       self,
-      stream: ExampleStream,
+      fmt: Format,
       *,
       global_batch_size: int,
       transforms: Sequence[tuple[str, Transform]],
@@ -85,35 +42,54 @@ class BatchLoader:
       stream_id: int = TRAIN_STREAM,
       process_index: int = 0,
       process_count: int = 1,
+      num_examples: int | None = None,
   ):
+    """`num_examples` makes a fixed set (eval): that many examples, then padding, no epochs."""
     if global_batch_size % process_count:
       raise ValueError(f"batch {global_batch_size} does not split over {process_count} hosts")
-    self._stream = stream
+    self.format = fmt
     self._batch = global_batch_size
-    self._transforms = [(name, zlib.crc32(name.encode()), fn) for name, fn in transforms]
-    self._seed = seed
-    self._stream_id = stream_id
+    self._transforms = [(name, random_lib.salt(name), fn) for name, fn in transforms]
+    self._seed, self._stream_id = seed, stream_id
+    self.epoch_size = len(fmt)
+    self.num_examples = None if num_examples is None else min(num_examples, self.epoch_size)
     per_process = global_batch_size // process_count
     self._rows = np.arange(per_process * process_index, per_process * (process_index + 1))
+    self._permutations: dict[int, random_lib.IndexPermutation] = {}
 
   @property
-  def epoch_size(self) -> int:
-    return self._stream.epoch_size
+  def steps(self) -> int | None:
+    """Batches in the fixed set (None for an endless training stream)."""
+    return None if self.num_examples is None else -(-self.num_examples // self._batch)
+
+  def _permutation(self, epoch: int) -> random_lib.IndexPermutation:
+    if epoch not in self._permutations:
+      if len(self._permutations) > 4:
+        self._permutations.clear()
+      self._permutations[epoch] = random_lib.IndexPermutation(
+          self.epoch_size, int(random_lib.row_keys(self._seed, self._stream_id, epoch)))
+    return self._permutations[epoch]
+
+  def example_indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Global example numbers of this process's rows, and their examples in the format."""
+    g = step * self._batch + self._rows
+    epochs = g // self.epoch_size
+    examples = np.empty_like(g)
+    for epoch in np.unique(epochs):
+      hit = epochs == epoch
+      examples[hit] = self._permutation(int(epoch))(g[hit] % self.epoch_size)
+    return g, examples
 
   def batch(self, step: int) -> Batch:
     """This process's rows of the global batch of `step`."""
-    examples = self._stream.take(step * self._batch + self._rows)
-    batch: Batch = {
-        "input_ids": examples.input_ids,
-        "token_type_ids": examples.token_type_ids,
-        "next_sentence_label": examples.next_sentence_label,
-    }
+    g, examples = self.example_indices(step)
+    real = np.ones(len(g), bool) if self.num_examples is None else g < self.num_examples
+    batch = self.format.examples(examples[real], random_lib.row_keys(self._seed, self._stream_id, g[real]))
+    if not real.all():
+      filler = self.format.padding(int((~real).sum()))
+      batch = {k: np.concatenate([batch[k], filler[k]]) for k in batch}
     for _, salt, transform in self._transforms:
-      rngs = [
-          np.random.default_rng([self._seed, self._stream_id, step, int(row), salt])
-          for row in self._rows
-      ]
-      batch = transform(batch, rngs)
+      batch = transform(batch, random_lib.row_keys(self._seed, self._stream_id, g, salt))
     return batch
 
   def iterate(self, start_step: int, stop_step: int, prefetch: int = 2) -> Iterator[tuple[int, Batch]]:
@@ -155,22 +131,3 @@ def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
       yield item
   finally:
     stop.set()
-
-
-def tokenize_documents(
-    documents: Sequence[Sequence[str]], encode_batch: Callable[[list[str]], list[list[int]]],
-    split: Callable[[str], list[str]],
-) -> list[TokenDocument]:
-  """Splits each paragraph into sentences and encodes them, dropping empty segments."""
-  flat, owners = [], []
-  for d, document in enumerate(documents):
-    for paragraph in document:
-      for sentence in split(paragraph):
-        flat.append(sentence)
-        owners.append(d)
-  encoded = encode_batch(flat)
-  out: list[TokenDocument] = [[] for _ in documents]
-  for d, ids in zip(owners, encoded):
-    if ids:
-      out[d].append(np.asarray(ids, np.int32))
-  return [d for d in out if d]

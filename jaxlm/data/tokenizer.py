@@ -48,6 +48,7 @@ def train(
   os.makedirs(directory, exist_ok=True)
   with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix=".tmp") as f:
     f.write(model.getvalue())
+  os.chmod(f.name, 0o644)  # NamedTemporaryFile makes it private; a model is shared.
   os.replace(f.name, path)
   return Tokenizer(path)
 

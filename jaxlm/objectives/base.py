@@ -7,7 +7,7 @@ is one new file here that calls `register`; the train step and the loader never 
 
 import abc
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -39,19 +39,35 @@ class Objective(abc.ABC):
   name: ClassVar[str]
   head: ClassVar[type[nn.Module] | None] = None
   default_options: ClassVar[Mapping[str, Any]] = {}
+  # Keys of `eval.<name>`: how the fixed eval set is corrupted for this objective, shared by
+  # every arm of an ablation whatever it trains with.
+  default_eval_options: ClassVar[Mapping[str, Any]] = {}
+  # The example formats (`data.format`) it can train on; None = any. Objectives limited to
+  # `pairs` are evaluated on the fixed eval pairs, the others on the fixed eval windows.
+  formats: ClassVar[tuple[str, ...] | None] = None
 
-  def __init__(self, options: ml_collections.ConfigDict, data: DataSpec):
+  def __init__(self, options: ml_collections.ConfigDict, data: DataSpec,
+               eval_options: ml_collections.ConfigDict | None = None):
     self.options = options
     self.weight = float(options.weight)
     self.data = data
+    self.eval_options = eval_options
+
+  @property
+  def evaluated_on_pairs(self) -> bool:
+    return self.formats == ("pairs",)
 
   def example_options(self) -> dict[str, Any]:
     """Options for building examples this objective needs (e.g. NSP's random-next pairs)."""
     return {}
 
-  def host_transform(self, batch: Batch, rngs: Sequence[np.random.Generator]) -> Batch:
-    """Corrupts a host batch (numpy), one Generator per example. Default: unchanged."""
+  def host_transform(self, batch: Batch, keys_B: np.ndarray) -> Batch:
+    """Corrupts a host batch (numpy), one uint64 key per example. Default: unchanged."""
     return batch
+
+  def eval_transform(self, batch: Batch, keys_B: np.ndarray) -> Batch:
+    """The corruption of the fixed eval set (from `eval.<name>`). Default: the training one."""
+    return self.host_transform(batch, keys_B)
 
   def flops_per_token(self, model: Any) -> float:
     """Training FLOPs per input token of this objective's head (for MFU)."""
@@ -70,8 +86,17 @@ def register(cls: type[Objective]) -> type[Objective]:
   return cls
 
 
-def build_objectives(config: ml_collections.ConfigDict, data: DataSpec) -> list[Objective]:
-  """The enabled objectives (weight > 0), in config order. Unknown names are an error."""
+def build_objectives(config: ml_collections.ConfigDict, data: DataSpec,
+                     eval_config: ml_collections.ConfigDict | None = None) -> list[Objective]:
+  """The enabled objectives (weight > 0), in config order. Unknown names or keys are errors."""
+  eval_config = eval_config if eval_config is not None else ml_collections.ConfigDict()
+  for name, options in eval_config.items():
+    known = _REGISTRY[name].default_eval_options if name in _REGISTRY else {}
+    unknown = set(options) - set(known)
+    if name not in _REGISTRY or unknown:
+      key = sorted(unknown)[0] if name in _REGISTRY else ""
+      raise UserError(f"Unknown key eval.{name}{'.' + key if key else ''}."
+                      f"{closest(key or name, known or _REGISTRY)}")
   enabled = []
   for name, options in config.items():
     if name not in _REGISTRY:
@@ -88,7 +113,7 @@ def build_objectives(config: ml_collections.ConfigDict, data: DataSpec) -> list[
     if options.weight < 0:
       raise UserError(f"objectives.{name}.weight is {options.weight}; use 0 to disable it.")
     if options.weight > 0:
-      enabled.append(_REGISTRY[name](options, data))
+      enabled.append(_REGISTRY[name](options, data, eval_config.get(name)))
   if not enabled:
     raise UserError("Every objective has weight 0: enable one, e.g. --config.objectives.mlm.weight=1.")
   return enabled

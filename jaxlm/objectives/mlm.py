@@ -5,7 +5,8 @@ Config `objectives.mlm`: `weight`, `mask_rate` (share of non-special tokens pred
 keep their token) and `whole_word` (choose whole words, using sentencepiece word starts).
 """
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -29,31 +30,30 @@ class MaskedLm(Objective):
       whole_word=False,
   )
 
-  def __init__(self, options, data):
-    super().__init__(options, data)
-    if not 0.0 < options.mask_rate <= 1.0 or options.max_predictions_per_seq < 1:
-      raise UserError("objectives.mlm.mask_rate must be in (0, 1] and "
-                      "objectives.mlm.max_predictions_per_seq at least 1.")
-    if min(options.mask_token_prob, options.random_token_prob) < 0 or (
-        options.mask_token_prob + options.random_token_prob > 1.0):
-      raise UserError("objectives.mlm.mask_token_prob and random_token_prob must be >= 0 and "
-                      "sum to at most 1 (the rest keep their token).")
-    self.masking = MaskingOptions(
-        rate=options.mask_rate,
-        max_predictions=options.max_predictions_per_seq,
-        mask_token_prob=options.mask_token_prob,
-        random_token_prob=options.random_token_prob,
-        whole_word=options.whole_word,
-    )
+  # BERT's recipe; -1 predictions = ceil(mask_rate x seq_len), BERT's 20 at 128 and 77 at 512.
+  default_eval_options = dict(
+      mask_rate=0.15,
+      max_predictions_per_seq=-1,
+      mask_token_prob=0.8,
+      random_token_prob=0.1,
+      whole_word=False,
+  )
 
-  def host_transform(self, batch: Batch, rngs: Sequence[np.random.Generator]) -> Batch:
-    masked = mask_tokens(
-        batch["input_ids"],
-        rngs,
-        self.masking,
-        vocab_size=self.data.vocab_size,
-        word_start_V=self.data.word_start,
-    )
+  def __init__(self, options, data, eval_options=None):
+    super().__init__(options, data, eval_options)
+    self.masking = _masking(options, "objectives.mlm", data.seq_len)
+    self.eval_masking = _masking(eval_options or dict(self.default_eval_options), "eval.mlm",
+                                 data.seq_len)
+
+  def host_transform(self, batch: Batch, keys_B: np.ndarray) -> Batch:
+    return self._mask(batch, keys_B, self.masking)
+
+  def eval_transform(self, batch: Batch, keys_B: np.ndarray) -> Batch:
+    return self._mask(batch, keys_B, self.eval_masking)
+
+  def _mask(self, batch: Batch, keys_B: np.ndarray, masking: MaskingOptions) -> Batch:
+    masked = mask_tokens(batch["input_ids"], keys_B, masking, vocab_size=self.data.vocab_size,
+                         word_start_V=self.data.word_start)
     return {**batch, **masked}
 
   def flops_per_token(self, model) -> float:
@@ -63,3 +63,21 @@ class MaskedLm(Objective):
 
   def loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Aux]:
     return mean_cross_entropy(outputs["mlm"], batch["mlm_ids"], batch["mlm_weights"], "mlm")
+
+
+def _masking(options, prefix: str, seq_len: int) -> MaskingOptions:
+  """Checked masking options; max_predictions_per_seq -1 derives it from the rate."""
+  predictions = options["max_predictions_per_seq"]
+  if predictions == -1:
+    predictions = math.ceil(options["mask_rate"] * seq_len)
+  if not 0.0 < options["mask_rate"] <= 1.0 or predictions < 1:
+    raise UserError(f"{prefix}.mask_rate must be in (0, 1] and {prefix}.max_predictions_per_seq "
+                    "at least 1 (or -1: from the rate).")
+  if min(options["mask_token_prob"], options["random_token_prob"]) < 0 or (
+      options["mask_token_prob"] + options["random_token_prob"] > 1.0):
+    raise UserError(f"{prefix}.mask_token_prob and random_token_prob must be >= 0 and sum to at "
+                    "most 1 (the rest keep their token).")
+  return MaskingOptions(rate=options["mask_rate"], max_predictions=predictions,
+                        mask_token_prob=options["mask_token_prob"],
+                        random_token_prob=options["random_token_prob"],
+                        whole_word=options["whole_word"])

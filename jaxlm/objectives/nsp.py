@@ -20,9 +20,10 @@ class NextSentencePrediction(Objective):
   name = "nsp"
   head = NspHead
   default_options = dict(weight=1.0, random_next_prob=0.5)
+  formats = ("pairs",)
 
-  def __init__(self, options, data):
-    super().__init__(options, data)
+  def __init__(self, options, data, eval_options=None):
+    super().__init__(options, data, eval_options)
     if not 0.0 < options.random_next_prob < 1.0:
       raise UserError("objectives.nsp.random_next_prob must be in (0, 1): NSP needs both labels.")
 
@@ -30,5 +31,6 @@ class NextSentencePrediction(Objective):
     return {"random_next_prob": float(self.options.random_next_prob)}
 
   def loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Aux]:
-    labels = batch["next_sentence_label"]
-    return mean_cross_entropy(outputs["nsp"], labels, jnp.ones(labels.shape, jnp.float32), "nsp")
+    labels = batch["next_sentence_label"]  # -1 on the padding rows of the last eval batch.
+    return mean_cross_entropy(outputs["nsp"], jnp.maximum(labels, 0),
+                              (labels >= 0).astype(jnp.float32), "nsp")

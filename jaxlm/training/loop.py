@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxlm import config as config_lib
-from jaxlm.data import loader as loader_lib, setup as data_setup
+from jaxlm.data import formats, loader as loader_lib, setup as data_setup
 from jaxlm.errors import UserError
 from jaxlm.models import ModelConfig, Pretrainer
 from jaxlm.objectives import DataSpec, build_objectives
@@ -30,6 +30,10 @@ from jaxlm.parallel import mesh as mesh_lib, rules as rules_lib
 from jaxlm.training import checkpoints, flops, optimizer, preemption
 from jaxlm.training import state as state_lib, step as step_lib
 from jaxlm.training.metrics import MetricWriter
+
+
+# The fixed eval pairs follow BERT's recipe, whatever the training pairs use.
+EVAL_PAIRS = {"short_seq_prob": 0.1, "random_next_prob": 0.5}
 
 
 class TrainingStopped(UserError):
@@ -112,52 +116,58 @@ class _Interval:
 
 def _data_and_objectives(config, workdir: str, model_vocab_size: int, process_index: int,
                          process_count: int):
-  """The enabled objectives and the train and eval batch loaders (tokenizer ready first)."""
+  """The data, the enabled objectives, the train loader and the fixed eval loaders."""
   t, d = config.train, config.data
   is_main = process_index == 0
-  train_text, eval_text = data_setup.load_corpora(d, t.seed)
-  # Process 0 trains or copies the tokenizer into the workdir; the others then load that file.
-  # A failure on process 0 is shared, so no process waits at the barrier for ever.
-  failure = None
-  if is_main:
-    try:
-      tokenizer = data_setup.run_tokenizer(d, model_vocab_size, workdir, train_text)
-    except UserError as e:
-      failure = e
-  if process_count > 1:
-    failed = multihost_utils.broadcast_one_to_all(np.int32(failure is not None))
-    if failed and not is_main:
-      raise UserError("Process 0 could not prepare the tokenizer; its log says why.")
-  if failure is not None:
-    raise failure
-  if not is_main:
-    tokenizer = data_setup.run_tokenizer(d, model_vocab_size, workdir, train_text,
-                                         may_write=False)
+
+  def share_failure(failed: bool) -> bool:
+    if process_count == 1:
+      return failed
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
+
+  sources = data_setup.resolve(d, model_vocab_size, workdir, is_main=is_main,
+                               share_failure=share_failure)
+  tokenizer = sources.tokenizer
   spec = DataSpec(vocab_size=tokenizer.vocab_size, seq_len=d.seq_len,
                   word_start=tokenizer.word_start)
-  objectives = build_objectives(config.objectives, spec)
-  example_options = {"random_next_prob": 0.0}
+  objectives = build_objectives(config.objectives, spec, config.eval)
+  for objective in objectives:
+    if objective.formats is not None and d.format not in objective.formats:
+      raise UserError(
+          f"Objective '{objective.name}' trains on data.format {' or '.join(objective.formats)}, "
+          f"not '{d.format}'. Set --config.data.format={objective.formats[0]} or disable it "
+          f"with --config.objectives.{objective.name}.weight=0.")
+  example_options = {"random_next_prob": 0.0, "short_seq_prob": d.short_seq_prob}
   for objective in objectives:
     example_options.update(objective.example_options())
+  if d.format != "pairs":
+    example_options = {}
 
-  def stream(text, stream_id):
-    return loader_lib.ExampleStream(data_setup.tokenize(text, tokenizer), seq_len=d.seq_len,
-                                    short_seq_prob=d.short_seq_prob, seed=t.seed,
-                                    stream_id=stream_id, **example_options)
+  def loader(fmt, transforms, seed, stream_id, num_examples=None):
+    return loader_lib.BatchLoader(
+        fmt, global_batch_size=d.batch_size, transforms=transforms, seed=seed,
+        stream_id=stream_id, process_index=process_index, process_count=process_count,
+        num_examples=num_examples)
 
-  transforms = [(o.name, o.host_transform) for o in objectives]
-  loaders = {
-      name: loader_lib.BatchLoader(
-          stream(text, stream_id), global_batch_size=d.batch_size, transforms=transforms,
-          seed=t.seed, stream_id=stream_id, process_index=process_index,
-          process_count=process_count)
-      for name, text, stream_id in (("train", train_text, loader_lib.TRAIN_STREAM),
-                                    ("eval", eval_text, loader_lib.EVAL_STREAM))
-  }
-  logging.info("Examples per epoch: train %d, eval %d; tokenizer %d pieces",
-               loaders["train"].epoch_size, loaders["eval"].epoch_size, tokenizer.vocab_size)
-
-  return objectives, loaders
+  train = loader(formats.make_format(d.format, sources.train, d.seq_len, **example_options),
+                 [(o.name, o.host_transform) for o in objectives], t.seed,
+                 loader_lib.TRAIN_STREAM)
+  # The fixed eval sets: sentence windows for token-level objectives, BERT pairs for NSP.
+  eval_transforms = [(o.name, o.eval_transform) for o in objectives]
+  evals = {}
+  for name, on_pairs in (("windows", False), ("pairs", True)):
+    chosen = [o for o in objectives if o.evaluated_on_pairs == on_pairs]
+    if not chosen:
+      continue
+    fmt = (formats.make_format("pairs", sources.eval, d.seq_len, **EVAL_PAIRS) if on_pairs
+           else formats.make_format("full_sentences", sources.eval, d.seq_len))
+    evals[name] = (chosen, loader(fmt, eval_transforms, d.eval_seed, loader_lib.EVAL_STREAM,
+                                  d.eval_examples))
+  logging.info("Data %s: %d training examples per pass (%s), eval %s; tokenizer %d pieces",
+               sources.fingerprint, train.epoch_size, d.format,
+               ", ".join(f"{n} {e[1].num_examples}" for n, e in evals.items()),
+               tokenizer.vocab_size)
+  return sources, objectives, train, evals
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -187,12 +197,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
   model_config = ModelConfig.from_config(config.model)
 
-  objectives, loaders = _data_and_objectives(
+  sources, objectives, train_loader, eval_loaders = _data_and_objectives(
       config, workdir, model_config.vocab_size, process_index, process_count)
+  if is_main:
+    with open(os.path.join(workdir, data_setup.DATASET_FILE), "w", encoding="utf-8") as f:
+      json.dump(sources.description, f, indent=2, sort_keys=True)
 
   model = Pretrainer(model_config, heads=tuple((o.name, o.head) for o in objectives if o.head))
   tx, schedule = optimizer.make_optimizer(config.optimizer, t.steps)
-  first = loaders["train"].batch(0)
+  first = train_loader.batch(0)
   global_shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * process_count,) + v.shape[1:], v.dtype)
                    for k, v in first.items()}
   init_batch = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype) for k, v in first.items()}
@@ -213,6 +226,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     else:
       state, position = restored
       start = int(state.step)
+      data_setup.check_fingerprint(position.get("data_fingerprint"), sources.fingerprint,
+                                   d.allow_data_change)
       if position.get("global_batch_size") != d.batch_size:
         logging.warning("Resuming with data.batch_size %d, saved with %s: the data stream moves.",
                         d.batch_size, position.get("global_batch_size"))
@@ -230,11 +245,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         out_shardings=(shardings, replicated),
         donate_argnums=0,
     )
-    eval_fn = jax.jit(
-        functools.partial(step_lib.eval_step, model=model, objectives=objectives),
-        in_shardings=(shardings.params, batch_sharding),
-        out_shardings=replicated,
-    )
+    eval_fns = {
+        name: jax.jit(
+            functools.partial(step_lib.eval_step, model=model, objectives=chosen),
+            in_shardings=(shardings.params, batch_sharding),
+            out_shardings=replicated,
+        )
+        for name, (chosen, _) in eval_loaders.items()
+    }
     dropout_rng = jax.device_put(jax.random.fold_in(root_rng, 1), replicated)
     compile_start = time.perf_counter()
     train_compiled = train_fn.lower(abstract, global_shapes, dropout_rng).compile()
@@ -246,12 +264,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     peak = flops.peak_flops_per_device(t.peak_tflops_per_device) * jax.device_count()
 
     def evaluate(params) -> dict[str, float]:
+      """Every objective on its fixed eval set; eval/loss is their weighted sum."""
       sums: dict[str, float] = {}
-      for k in range(t.eval_batches):
-        batch = _global_batch(loaders["eval"].batch(k), batch_sharding, process_count)
-        for key, value in jax.device_get(eval_fn(params, batch)).items():
-          sums[key] = sums.get(key, 0.0) + float(value)
-      return _ratios(sums, "eval/")
+      for name, (_, eval_loader) in eval_loaders.items():
+        for k in range(eval_loader.steps):
+          batch = _global_batch(eval_loader.batch(k), batch_sharding, process_count)
+          for key, value in jax.device_get(eval_fns[name](params, batch)).items():
+            if not key.startswith("loss/"):
+              sums[key] = sums.get(key, 0.0) + float(value)
+      row = _ratios(sums, "eval/")
+      row["eval/loss"] = sum(o.weight * row[f"eval/{o.name}_loss"] for o in objectives)
+      return {"eval/loss": row.pop("eval/loss"), **row}
 
     stop = preemption.StopRequest(checkpointer.reached_preemption, process_count > 1)
     writer = MetricWriter(workdir, resume_step=start, enabled=is_main)
@@ -265,7 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     progress = tqdm(total=t.steps, initial=start, disable=not interactive, unit="step",
                     dynamic_ncols=True)
     try:
-      for step, host_batch in loaders["train"].iterate(start, t.steps):
+      for step, host_batch in train_loader.iterate(start, t.steps):
         batch = _global_batch(host_batch, batch_sharding, process_count)
         state, metrics = train_compiled(state, batch, dropout_rng)
         if pending is not None:
@@ -307,6 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             pending = None
           stalled = checkpointer.save(done, state, {
               "step": done, "global_batch_size": d.batch_size, "interval": interval.to_json(),
+              "data_fingerprint": sources.fingerprint,
               "consecutive_skips": consecutive_skips})
           logging.info("Checkpoint of step %d started; the loop waited %.2f s", done, stalled)
         if stopping:
