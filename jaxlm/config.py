@@ -32,6 +32,8 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
     raise UserError("data.short_seq_prob must be in [0, 1] and data.eval_fraction in (0, 1).")
   if d.eval_examples < 1:
     raise UserError(f"data.eval_examples is {d.eval_examples}; it must be at least 1.")
+  if d.workers < 0:
+    raise UserError(f"data.workers is {d.workers}; use 0 (a background thread) or more processes.")
   if d.eval_seed < 0:
     raise UserError(f"data.eval_seed is {d.eval_seed}; it must be >= 0.")
   if m.hidden_size % m.num_heads:

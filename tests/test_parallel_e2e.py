@@ -40,7 +40,7 @@ OVERRIDES = {
     "train.log_every": 1,
     "train.eval_every": STEPS,
     "train.checkpoint_every": STEPS,
-    "train.eval_batches": 1,
+    "data.eval_examples": 16,
     "data.batch_size": 32,
     "model.dropout_rate": 0.1,
     "model.attention_dropout_rate": 0.1,

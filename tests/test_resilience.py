@@ -29,7 +29,7 @@ def _command(repo_root, workdir, tokenizer_path, *extra):
       "--config.train.log_every=1",
       "--config.train.checkpoint_every=3",
       f"--config.train.eval_every={STEPS}",
-      "--config.train.eval_batches=1",
+      "--config.data.eval_examples=16",
       "--config.data.batch_size=16",
       "--config.model.dropout_rate=0.1",
       "--config.model.attention_dropout_rate=0.1",

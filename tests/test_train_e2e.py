@@ -29,7 +29,7 @@ def _tiny_config(repo_root, steps):
   config.train.steps = steps
   config.train.log_every = 10
   config.train.eval_every = 20
-  config.train.eval_batches = 2
+  config.data.eval_examples = 32
   config.train.checkpoint_every = 20
   config.data.batch_size = 16
   config.data.seq_len = 64

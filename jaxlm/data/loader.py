@@ -13,8 +13,11 @@ masks keyed by k; the last batch is filled with padding rows that objectives wei
 This module knows no objective: the training loop hands it named transforms.
 """
 
+import multiprocessing
 import queue
 import threading
+import traceback
+from multiprocessing import shared_memory
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -92,10 +95,97 @@ class BatchLoader:
       batch = transform(batch, random_lib.row_keys(self._seed, self._stream_id, g, salt))
     return batch
 
-  def iterate(self, start_step: int, stop_step: int, prefetch: int = 2) -> Iterator[tuple[int, Batch]]:
-    """Yields `(step, batch)` from `start_step`, built ahead in a background thread."""
+  def iterate(self, start_step: int, stop_step: int, prefetch: int = 2,
+              workers: int = 0) -> Iterator[tuple[int, Batch]]:
+    """Yields `(step, batch)` from `start_step`, built ahead: in a background thread, or with
+    `workers` > 0 in that many processes (step s by worker s mod workers), in step order."""
+    if workers > 0:
+      return _from_processes(self, start_step, stop_step, workers, max(prefetch, 1))
     batches = ((s, self.batch(s)) for s in range(start_step, stop_step))
     return _prefetch(batches, prefetch) if prefetch else batches
+
+
+def _work(loader: BatchLoader, first: int, stop: int, every: int, ready, free, stopping) -> None:
+  """A worker process: builds the batches of steps first, first + every, ... into shared memory.
+
+  Batches travel through shared-memory slots (the queue carries only their layout): pickling a
+  256 x 128 batch through a pipe costs about 1.5 ms here, a third of building it.
+  """
+  slots: list[shared_memory.SharedMemory] = []
+  try:
+    for step in range(first, stop, every):
+      batch = loader.batch(step)
+      size = sum(v.nbytes for v in batch.values())
+      slot = None
+      while slot is None and not stopping.is_set():
+        try:
+          slot = free.get(timeout=0.1)
+        except queue.Empty:
+          continue
+      if stopping.is_set():
+        return
+      if slot >= len(slots):
+        slots.append(shared_memory.SharedMemory(create=True, size=2 * size))
+      memory, layout, offset = slots[slot], [], 0
+      if memory.size < size:
+        raise RuntimeError(f"batch of step {step} outgrew its slot ({size} > {memory.size})")
+      for key, value in batch.items():
+        np.ndarray(value.shape, value.dtype, memory.buf, offset)[...] = value
+        layout.append((key, value.shape, value.dtype.str, offset))
+        offset += value.nbytes
+      ready.put((step, memory.name, slot, layout))
+    stopping.wait()  # Keep the slots alive until the consumer has copied the last batch.
+  except BaseException:  # Re-raised in the consumer, with the worker's traceback as text.
+    ready.put((-1, traceback.format_exc(), -1, None))
+    stopping.wait()
+  finally:
+    for memory in slots:
+      memory.close()
+      memory.unlink()
+
+
+def _from_processes(loader: BatchLoader, start: int, stop: int, workers: int,
+                    depth: int) -> Iterator[tuple[int, Batch]]:
+  """Batches from `workers` spawned processes (never forked: the parent may run JAX)."""
+  context = multiprocessing.get_context("spawn")
+  stopping = context.Event()
+  ready = [context.Queue() for _ in range(workers)]
+  free = [context.Queue() for _ in range(workers)]
+  for k in range(workers):
+    for slot in range(depth):
+      free[k].put(slot)
+  processes = [context.Process(target=_work, daemon=True, args=(
+      loader, start + k, stop, workers, ready[k], free[k], stopping)) for k in range(workers)]
+  for process in processes:
+    process.start()
+  attached: dict[str, shared_memory.SharedMemory] = {}
+  try:
+    for step in range(start, stop):
+      k = (step - start) % workers
+      while True:
+        try:
+          got, name, slot, layout = ready[k].get(timeout=1.0)
+          break
+        except queue.Empty:
+          if not processes[k].is_alive():
+            raise RuntimeError(f"The data worker for step {step} died (out of memory?).") from None
+      if got < 0:
+        raise RuntimeError(f"A data worker failed:\n{name}")
+      if name not in attached:
+        attached[name] = shared_memory.SharedMemory(name=name)
+      buf = attached[name].buf
+      batch = {key: np.ndarray(shape, np.dtype(dtype), buf, offset).copy()
+               for key, shape, dtype, offset in layout}
+      free[k].put(slot)
+      yield step, batch
+  finally:
+    for memory in attached.values():
+      memory.close()
+    stopping.set()
+    for process in processes:
+      process.join(timeout=5)
+      if process.is_alive():
+        process.terminate()
 
 
 def _prefetch(items: Iterator, depth: int = 2) -> Iterator:

@@ -68,7 +68,10 @@ def mask_tokens(
     positions_BP, weights_BP = _choose_pieces(choose_key_BL, candidate_BL, n_predict_B, p)
 
   # Chosen positions fill the first slots, in sequence order; padding slots are position 0.
-  labels_BP = np.where(weights_BP, np.take_along_axis(input_ids_BL, positions_BP, 1), 0)
+  # Gathers and scatters go through flat indices: cheaper than 2-d fancy indexing.
+  flat_BP = positions_BP + (np.arange(batch) * length)[:, None]
+  labels_BP = np.where(weights_BP, np.take(input_ids_BL, flat_BP), 0).astype(np.int32)
+  # Each slot's own action and replacement token: i.i.d. per chosen token, like per position.
   action_BP = random.uniform(keys_B, _ACTION_DRAW, (p,))
   replacement_BP = random.integers(keys_B, _REPLACEMENT_DRAW, NUM_SPECIAL, vocab_size, (p,))
   new_BP = np.where(
@@ -78,40 +81,49 @@ def mask_tokens(
                replacement_BP, labels_BP),
   )
   corrupted_BL = input_ids_BL.astype(np.int32)  # A copy.
-  rows, slots = np.nonzero(weights_BP)
-  corrupted_BL[rows, positions_BP[rows, slots]] = new_BP[rows, slots]
+  corrupted_BL.reshape(-1)[flat_BP[weights_BP]] = new_BP[weights_BP]
   return {
       "input_ids": corrupted_BL,
       "mlm_positions": positions_BP,
-      "mlm_ids": labels_BP.astype(np.int32),
+      "mlm_ids": labels_BP,
       "mlm_weights": weights_BP.astype(np.float32),
   }
 
 
-def _choose_pieces(key_BL, candidate_BL, n_predict_B, p):
-  """The `n_predict` candidates of smallest key per row, as sorted positions and weights.
+def _fold_positions(key_BL, member_BL):
+  """Turns float keys in [0, 1) into distinct ones that carry their position, in place.
 
-  Position is folded into the low bits of each key, so keys are distinct within a row and carry
-  their position through a value sort; that avoids any [B, L] argsort: a partition keeps the p
-  smallest, and only the [B, p] leftovers are sorted, twice.
+  floor(key * 2**(53 - b)) * 2**b + position (b bits hold a position): an integer below 2**53,
+  exact in float64, so a plain value sort ranks positions, and ties cannot happen; non-members
+  get 2**53, above all members. Returns the keys and the position mask.
+  """
+  length = key_BL.shape[1]
+  position_bits = max(1, (length - 1).bit_length())
+  key_BL *= 2.0 ** (53 - position_bits)
+  np.floor(key_BL, out=key_BL)
+  key_BL *= 2.0**position_bits
+  key_BL += np.arange(length, dtype=np.float64)
+  np.copyto(key_BL, 2.0**53, where=~member_BL)
+  return key_BL, 2**position_bits - 1
+
+
+def _choose_pieces(key_BL, candidate_BL, n_predict_B, p):
+  """The `n_predict` candidates of smallest key per row, as positions in order and weights.
+
+  With positions folded into the keys, no [B, L] argsort is needed: an in-place partition
+  keeps the p smallest, and only that [B, p] corner is sorted (by key, then by position).
+  Overwrites `key_BL`.
   """
   batch, length = key_BL.shape
-  position_bits = max(1, (length - 1).bit_length())
-  scale = float(2 ** position_bits)
-  # floor(key * 2**(53 - bits)) * 2**bits + position: an integer below 2**53, exact in float64.
-  keyed_BL = np.floor(key_BL * 2.0 ** (53 - position_bits))
-  keyed_BL *= scale
-  keyed_BL += np.arange(length, dtype=np.float64)
-  keyed_BL[~candidate_BL] = 2.0**53  # Above every candidate's key.
+  keyed_BL, position_mask = _fold_positions(key_BL, candidate_BL)
   k = min(p, length)
   if k < length:
-    keyed_BL = np.partition(keyed_BL, k - 1, axis=1)[:, :k]
-  smallest_BK = np.sort(keyed_BL, axis=1)[:, :k]
+    keyed_BL.partition(k - 1, axis=1)
+  smallest_BK = np.sort(keyed_BL[:, :k], axis=1)
   weights_BK = np.arange(k) < n_predict_B[:, None]
-  # Unused slots sort last (sentinel = length), then become position 0.
-  # (np.fmod is slow on values near 2**53: an integer mask instead.)
-  positions_BK = smallest_BK.astype(np.int64) & (2**position_bits - 1)
-  positions_BK = np.where(weights_BK, positions_BK, length).astype(np.int32)
+  positions_BK = (smallest_BK.astype(np.int64) & position_mask).astype(np.int32)
+  # Unused slots sort last (as `length`), then become position 0.
+  positions_BK[~weights_BK] = length
   positions_BK.sort(axis=1)
   positions_BK[~weights_BK] = 0
   return _pad_slots(positions_BK, weights_BK, p)
@@ -120,19 +132,22 @@ def _choose_pieces(key_BL, candidate_BL, n_predict_B, p):
 def _slots_of(chosen_BL, p):
   """The chosen positions of each row in order, as `[B, p]` positions and weights."""
   batch, length = chosen_BL.shape
-  rows, cols = np.nonzero(chosen_BL)  # Row-major: each row's positions in order.
-  count_B = np.bincount(rows, minlength=batch)
-  first_B = np.cumsum(count_B) - count_B
-  slots = np.arange(len(rows)) - first_B[rows]
   k = min(p, length)
+  flat = np.flatnonzero(chosen_BL)  # Row-major: each row's positions in order.
+  rows, cols = np.divmod(flat, length)
+  count_B = np.count_nonzero(chosen_BL, axis=1)
+  first_B = np.cumsum(count_B) - count_B
+  slots = np.arange(len(flat)) - first_B[rows]
   positions_BK = np.zeros((batch, k), np.int32)
-  positions_BK[rows, slots] = cols
+  positions_BK.reshape(-1)[rows * k + slots] = cols
   weights_BK = np.arange(k) < count_B[:, None]
   return _pad_slots(positions_BK, weights_BK, p)
 
 
 def _pad_slots(positions_BK, weights_BK, p):
   """Pads to p slots when the sequence is shorter than max_predictions."""
+  if positions_BK.shape[1] == p:
+    return positions_BK, weights_BK
   pad = ((0, 0), (0, p - positions_BK.shape[1]))
   return np.pad(positions_BK, pad), np.pad(weights_BK, pad)
 
@@ -140,43 +155,53 @@ def _pad_slots(positions_BK, weights_BK, p):
 def _choose_whole_words(input_ids_BL, candidate_BL, word_start_V, key_BL, n_predict_B):
   """Chooses whole words in random order while their pieces fit in `n_predict`.
 
-  A word is a candidate piece that starts a word plus the continuation pieces after it; its key
-  is its first piece's. A word that would overflow the budget is skipped, as in BERT, and later
-  (shorter) words still fit. The greedy fill is sequential in a row's word order, so it loops
-  over ranks (at most the longest row's word count), vectorised over rows.
+  A word is a candidate piece that starts a word (or follows a special token) plus the
+  continuation pieces right after it; its key is its first piece's. A word that would overflow
+  the budget is skipped, as in BERT, and later (shorter) words still fit. The greedy fill is
+  sequential in a row's word order, so it loops over ranks (until every row is done), vectorised
+  over rows. Overwrites `key_BL`.
   """
   batch, length = input_ids_BL.shape
-  after_special_BL = np.ones_like(candidate_BL)
-  after_special_BL[:, 1:] = ~candidate_BL[:, :-1]
-  starts_BL = candidate_BL & (word_start_V[input_ids_BL] | after_special_BL)
-  word_BL = np.cumsum(starts_BL, axis=1) - 1  # Word index of each piece (-1 before the first).
-  n_words_B = word_BL[:, -1] + 1
+  # Positions in the narrowest type that holds length + 1: [B, L] arrays stay small.
+  index_dtype = np.int16 if length < 2**14 else np.int32
+  position_L = np.arange(length, dtype=index_dtype)
+  starts_BL = np.take(np.asarray(word_start_V, bool), input_ids_BL)
+  starts_BL[:, 1:] |= ~candidate_BL[:, :-1]  # A piece after a special token starts a word.
+  starts_BL &= candidate_BL
+  starts_BL[:, 0] = candidate_BL[:, 0]
+  n_words_B = np.count_nonzero(starts_BL, axis=1)
   n_words = int(n_words_B.max(initial=0))
   if n_words == 0:
-    return np.zeros_like(candidate_BL)
+    return starts_BL
 
-  # Per word [B, W]: its key and size; slots past a row's last word never fit.
-  rows, cols = np.nonzero(starts_BL)
-  key_BW = np.full((batch, n_words), np.inf)
-  key_BW[rows, word_BL[rows, cols]] = key_BL[rows, cols]
-  piece_rows, piece_cols = np.nonzero(candidate_BL)
-  size_BW = np.bincount(piece_rows * n_words + word_BL[piece_rows, piece_cols],
-                        minlength=batch * n_words).reshape(batch, n_words)
-  size_BW[np.arange(n_words) >= n_words_B[:, None]] = length + 1
+  # A word's size, at its start: the distance to the next start or non-candidate after it.
+  boundary_BL = np.where(starts_BL | ~candidate_BL, position_L, index_dtype(length))
+  next_boundary_BL = np.empty_like(boundary_BL)
+  next_boundary_BL[:, -1] = length
+  np.minimum.accumulate(boundary_BL[:, :0:-1], axis=1, out=next_boundary_BL[:, -2::-1])
+  next_boundary_BL -= position_L  # Now each start's word size.
 
-  order_BW = np.argsort(key_BW, axis=1)
-  ranked_size_WB = np.take_along_axis(size_BW, order_BW, axis=1).T.copy()
+  # Words in key order: [B, W] start positions and sizes; slots past a row's words never fit.
+  keyed_BL, position_mask = _fold_positions(key_BL, starts_BL)
+  keyed_BL.sort(axis=1)
+  row_offset_B1 = (np.arange(batch) * length)[:, None]
+  ranked_flat_BW = (keyed_BL[:, :n_words].astype(np.int64) & position_mask) + row_offset_B1
+  ranked_size_WB = np.take(next_boundary_BL, ranked_flat_BW.T)
+  ranked_size_WB[np.arange(n_words)[:, None] >= n_words_B] = length + 1
   # smallest_left_WB[w]: the smallest word at rank >= w; a row whose budget is below it is done.
   smallest_left_WB = np.minimum.accumulate(ranked_size_WB[::-1], axis=0)[::-1]
-  budget_B = n_predict_B.copy()
+
+  budget_B = n_predict_B.astype(index_dtype)
   take_WB = np.zeros((n_words, batch), bool)
   for w in range(n_words):
     if (budget_B < smallest_left_WB[w]).all():
       break
-    fits_B = ranked_size_WB[w] <= budget_B
-    take_WB[w] = fits_B
-    budget_B -= np.where(fits_B, ranked_size_WB[w], 0)
+    np.less_equal(ranked_size_WB[w], budget_B, out=take_WB[w])
+    budget_B -= ranked_size_WB[w] * take_WB[w]
 
-  chosen_words_BW = np.zeros((batch, n_words), bool)
-  np.put_along_axis(chosen_words_BW, order_BW, take_WB.T, axis=1)
-  return candidate_BL & np.take_along_axis(chosen_words_BW, np.maximum(word_BL, 0), axis=1)
+  # Back to pieces: a piece is chosen when the start of its word is.
+  chosen_start_BL = np.zeros_like(candidate_BL)
+  chosen_start_BL.reshape(-1)[ranked_flat_BW.T[take_WB]] = True
+  start_of_BL = np.where(starts_BL, position_L, index_dtype(0))
+  np.maximum.accumulate(start_of_BL, axis=1, out=start_of_BL)
+  return candidate_BL & np.take(chosen_start_BL, start_of_BL + row_offset_B1)

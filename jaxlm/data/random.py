@@ -10,38 +10,59 @@ The hash is splitmix64's finaliser (Stafford's "mix13"), on uint64 with wrap-aro
 a row's stream is exactly SplitMix64 seeded by its per-draw key, which passes BigCrush.
 """
 
+import functools
 import math
 import zlib
 
 import numpy as np
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio: splitmix64's increment.
-_MUL1 = np.uint64(0xBF58476D1CE4E5B9)
-_MUL2 = np.uint64(0x94D049BB133111EB)
+_MASK64 = 2**64 - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / golden ratio: splitmix64's increment.
+_MUL1, _MUL2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_SEED_OFFSET = 0x2545F4914F6CDD1D  # Separates a seed from a counter of equal value.
+_DRAW_OFFSET = 0x3C6EF372FE94F82B  # Separates draw numbers from counters.
+_U_MUL1, _U_MUL2 = np.uint64(_MUL1), np.uint64(_MUL2)
 _S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
-_SEED_OFFSET = np.uint64(0x2545F4914F6CDD1D)  # Separates a seed from a counter of equal value.
-_DRAW_OFFSET = np.uint64(0x3C6EF372FE94F82B)  # Separates draw numbers from counters.
-_TO_UNIT = 2.0**-53
 
 
-def _mix(z: np.ndarray) -> np.ndarray:
-  """splitmix64's finaliser, a bijection of uint64 with full avalanche, in place on `z`."""
-  z ^= z >> _S30
-  z *= _MUL1
-  z ^= z >> _S27
-  z *= _MUL2
-  z ^= z >> _S31
+def _mix_int(z: int) -> int:
+  """splitmix64's finaliser on a Python int (scalars: cheaper than a 0-d array)."""
+  z &= _MASK64
+  z = ((z ^ (z >> 30)) * _MUL1) & _MASK64
+  z = ((z ^ (z >> 27)) * _MUL2) & _MASK64
+  return z ^ (z >> 31)
+
+
+def _mix(z: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
+  """splitmix64's finaliser, a bijection of uint64 with full avalanche, in place on `z`.
+
+  Works in place with one scratch buffer: fresh temporaries of [B, L] size can each cost a
+  round of page faults (glibc serves blocks over 128 KiB with mmap), several times the arithmetic.
+  uint64 array arithmetic wraps around silently.
+  """
+  if scratch is None:
+    scratch = np.empty_like(z)
+  np.right_shift(z, _S30, out=scratch)
+  z ^= scratch
+  z *= _U_MUL1
+  np.right_shift(z, _S27, out=scratch)
+  z ^= scratch
+  z *= _U_MUL2
+  np.right_shift(z, _S31, out=scratch)
+  z ^= scratch
   return z
 
 
 def _as_uint64(value: int | np.ndarray, what: str) -> np.ndarray:
   """A fresh uint64 array (so `_mix` may work in place) from non-negative integers."""
   array = np.asarray(value)
+  if array.dtype == np.uint64:
+    return array.copy()
   if array.dtype == object or not (array.dtype == bool or np.issubdtype(array.dtype, np.integer)):
     raise TypeError(f"{what} must be integers, got dtype {array.dtype}")
   if array.size and np.issubdtype(array.dtype, np.signedinteger) and array.min() < 0:
     raise ValueError(f"{what} must be non-negative, got {array.min()}")
-  return np.array(array, dtype=np.uint64, copy=True)
+  return array.astype(np.uint64)
 
 
 def row_keys(seed: int, *counters: int | np.ndarray) -> np.ndarray:
@@ -50,25 +71,43 @@ def row_keys(seed: int, *counters: int | np.ndarray) -> np.ndarray:
   Counters broadcast against each other, e.g. `row_keys(seed, stream, step, rows_B)` -> [B].
   All values are non-negative integers below 2**63. Order matters: (1, 2) and (2, 1) differ.
   """
-  with np.errstate(over="ignore"):
-    h = _mix(_as_uint64(seed, "seed") + _SEED_OFFSET)
-    for counter in counters:
-      # Counters are mixed before they meet the running hash, so small neighbouring counters
-      # (rows 0, 1, 2...) differ in every bit, not only in the low ones.
-      h = _mix(h ^ _mix(_as_uint64(counter, "counters") + _GOLDEN))
-  return h
+  h = _as_uint64(seed, "seed")  # Checks it; the hash itself runs on Python ints while scalar.
+  h = _mix_int(int(h) + _SEED_OFFSET) if h.ndim == 0 else _mix(h + np.uint64(_SEED_OFFSET))
+  for counter in counters:
+    # Counters are mixed before they meet the running hash, so small neighbouring counters
+    # (rows 0, 1, 2...) differ in every bit, not only in the low ones.
+    c = _as_uint64(counter, "counters")
+    if c.ndim == 0:
+      c = _mix_int(int(c) + _GOLDEN)
+    else:
+      c += np.uint64(_GOLDEN)
+      c = _mix(c)
+    if isinstance(h, int) and isinstance(c, int):
+      h = _mix_int(h ^ c)
+    else:
+      h = _mix(np.asarray(h, np.uint64) ^ np.asarray(c, np.uint64))
+  return np.asarray(h, np.uint64)
+
+
+@functools.lru_cache(maxsize=64)
+def _offsets(n: int) -> np.ndarray:
+  """(j + 1) * golden for j < n: the SplitMix64 states after a row's key, read-only."""
+  offsets = np.arange(1, n + 1, dtype=np.uint64)
+  offsets *= np.uint64(_GOLDEN)
+  offsets.flags.writeable = False
+  return offsets
 
 
 def _bits(keys: np.ndarray, draw: int, n: int) -> np.ndarray:
   """uint64 hashes of shape keys.shape + (n,): element j of a row is mix(k + (j + 1) * golden)
   where k hashes (key, draw), i.e. the row's SplitMix64 stream seeded by k."""
-  with np.errstate(over="ignore"):
-    k = _as_uint64(keys, "keys")
-    k ^= _mix(_as_uint64(draw, "draw") + _DRAW_OFFSET)
-    k = _mix(k)
-    steps = np.arange(1, n + 1, dtype=np.uint64)
-    steps *= _GOLDEN
-    return _mix(k[..., None] + steps)
+  k = _as_uint64(keys, "keys")
+  if draw < 0:
+    raise ValueError(f"draw must be non-negative, got {draw}")
+  k ^= np.uint64(_mix_int(draw + _DRAW_OFFSET))
+  k = _mix(k)
+  z = np.add(k[..., None], _offsets(n))
+  return _mix(z)
 
 
 def uniform(keys: np.ndarray, draw: int, shape_tail: tuple[int, ...]) -> np.ndarray:
@@ -81,8 +120,8 @@ def uniform(keys: np.ndarray, draw: int, shape_tail: tuple[int, ...]) -> np.ndar
   n = math.prod(shape_tail)
   bits = _bits(keys, draw, n)
   bits >>= _S11
-  out = bits.astype(np.float64)
-  out *= _TO_UNIT
+  # Converted in place (same memory, same strides: elementwise-safe), saving a [B, n] buffer.
+  out = np.multiply(bits, 2.0**-53, out=bits.view(np.float64), casting="unsafe")
   return out.reshape(keys.shape + tuple(shape_tail))
 
 
@@ -134,20 +173,22 @@ class IndexPermutation:
     self.n = int(n)
     self.seed = int(seed)
     self._half_bits = max(1, ((self.n - 1).bit_length() + 1) // 2)  # 4**half_bits >= n.
+    self._half = np.uint64(self._half_bits)
     self._half_mask = np.uint64((1 << self._half_bits) - 1)
     self._out_shift = np.uint64(64 - self._half_bits)
-    self._round_keys = [row_keys(self.seed, r) for r in range(self.rounds)]
+    self._round_keys = [np.uint64(row_keys(self.seed, r)) for r in range(self.rounds)]
 
   def _feistel(self, x: np.ndarray) -> np.ndarray:
     """One pass of the network over the whole 2**(2 * half_bits) domain (uint64 in, out)."""
-    half = np.uint64(self._half_bits)
-    left, right = x >> half, x & self._half_mask
-    with np.errstate(over="ignore"):
-      for key in self._round_keys:
-        # Round function: the high bits of a hash of (round key, right half).
-        f = _mix(right * _GOLDEN + key) >> self._out_shift
-        left, right = right, left ^ f
-    return (left << half) | right
+    left, right = x >> self._half, x & self._half_mask
+    for key in self._round_keys:
+      # Round function: the high bits of a hash of (round key, right half).
+      f = right * np.uint64(_GOLDEN)
+      f += key
+      f = _mix(f) >> self._out_shift
+      f ^= left
+      left, right = right, f
+    return (left << self._half) | right
 
   def __call__(self, indices: np.ndarray) -> np.ndarray:
     """The images of `indices` (any shape and order, each in range(n)), as int64."""

@@ -16,7 +16,7 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from jaxlm.errors import UserError
 
@@ -47,8 +47,8 @@ _DIRECT = "\u3002\uff01\uff1f\uff0e\uff61\u0964\u0965"
 _MARKS = ".!?\u2026\u061f\u06d4" + _DIRECT
 _CLOSE = "\"'\u201d\u2019)\uff09\\]\u300d\u300f\u3011\u300b\u00bb"
 _LOWER = "a-z\u00df-\u00f6\u00f8-\u00ff\u03ac-\u03ce\u0430-\u045f"
-_SENTENCE_END = re.compile(
-    f"([{_MARKS}][{_MARKS}]*(?:(?<=[{_DIRECT}])[{_CLOSE}]*|[{_CLOSE}]*(?=\\s+(?![\\s{_LOWER}]))))\\s*")
+_SENTENCE_END = re.compile(f"([{_MARKS}][{_MARKS}]*"
+                           f"(?:(?<=[{_DIRECT}])[{_CLOSE}]*|[{_CLOSE}]*(?=\\s+(?![\\s{_LOWER}]))))\\s*")
 _ASCII_END = re.compile(r"""([.!?][.!?]*["')\]]*(?=\s+(?![\sa-z])))\s*""")  # Same on ASCII; faster.
 _LAST_SPACE = re.compile(r".*\s", re.DOTALL)  # Matched within a window: its end is past the last.
 _SPACES = re.compile(r"\s*")
@@ -62,9 +62,7 @@ def resolve_inputs(spec: str) -> list[str]:
   file and the supported kinds). An empty spec gives [].
   """
   files = set()
-  for entry in (e.strip() for e in spec.split(",")):
-    if not entry:
-      continue
+  for entry in filter(None, (e.strip() for e in spec.split(","))):
     pattern = os.path.expanduser(entry)
     found = glob.glob(pattern, recursive=True)
     matches = [m for m in found if os.path.isfile(m)]
@@ -77,7 +75,7 @@ def resolve_inputs(spec: str) -> list[str]:
     files.update(os.path.normpath(m) for m in matches)
   paths = sorted(files)
   for path in paths:
-    _is_jsonl(path)
+    _is_jsonl(path)  # Raises on an unsupported name.
   return paths
 
 
@@ -90,10 +88,10 @@ def iter_documents(path: str, *, text_field: str = "text", counts: Counts) -> It
     the text; paragraphs are its non-empty lines (split on \\n, \\r\\n, \\r).
   Repairs and skips are added to `counts`, as are `documents`, `lines_read` and `empty_files`.
   """
-  jsonl = _is_jsonl(path)
-  n = 0
-  try:
-    with _open(path) as f:
+  jsonl, n = _is_jsonl(path), 0
+  try:  # A gzip file under a C buffer: a faster readline.
+    gz = path.lower().endswith(".gz")
+    with io.BufferedReader(gzip.GzipFile(path), 1 << 20) if gz else open(path, "rb", 1 << 20) as f:
       lines = _lines(f, counts, split_long=not jsonl)
       docs = _jsonl_documents(lines, text_field, counts) if jsonl else _txt_documents(lines, counts)
       for doc in docs:
@@ -129,15 +127,11 @@ def split_sentences(paragraph: str, *, max_chars: int = 2000,
   else:
     parts.append("")  # Now pairs: the text of a sentence, then its end.
     sentences = [s for text, end in zip(parts[::2], parts[1::2]) if (s := (text + end).strip())]
-  out = []
-  for s in sentences:
-    if len(s) <= max_chars:
-      out.append(s)
-      continue
-    out.extend(_cut(s, max_chars))
-    if counts is not None:
-      counts["sentences_split_by_length"] += 1
-  return out
+  if max(map(len, sentences), default=0) <= max_chars:
+    return sentences
+  if counts is not None:
+    counts["sentences_split_by_length"] += sum(len(s) > max_chars for s in sentences)
+  return [p for s in sentences for p in (_cut(s, max_chars) if len(s) > max_chars else (s,))]
 
 
 def _cut(s: str, max_chars: int) -> list[str]:
@@ -162,15 +156,8 @@ def _is_jsonl(path: str) -> bool:
                   "(text with one paragraph per line, or JSON lines with one document each).")
 
 
-def _open(path: str) -> io.BufferedReader:
-  """Opens a file for binary reading; a gzip one under a C buffer, for a faster readline."""
-  if path.lower().endswith(".gz"):
-    return io.BufferedReader(gzip.GzipFile(path), 1 << 20)
-  return open(path, "rb", buffering=1 << 20)
-
-
 def _repair(text: str, found: set[str]) -> str:
-  """Fixes a line (or piece, or paragraph) that _DIRTY flagged; adds each kind made to `found`."""
+  """Repairs a line, piece or paragraph holding control chars; adds each kind made to `found`."""
   if "\x00" in text:
     text = text.replace("\x00", "")
     found.add("nul_lines")
@@ -188,18 +175,24 @@ def _repair(text: str, found: set[str]) -> str:
   return text
 
 
-def _lines(f: io.BufferedReader, counts: Counts, *, split_long: bool) -> Iterator[str | Iterable[str] | None]:
+def _lines(f: io.BufferedReader, counts: Counts, *,
+           split_long: bool) -> Iterator[str | Iterator[str] | None]:
   """Yields each physical line of binary file `f`, decoded and repaired (maybe still ending \\n).
 
-  A line over MAX_LINE_CHARS comes as an iterable of pieces if `split_long`, else as None after
-  it was read past unparsed when it did not fit in one read (a .jsonl record cannot be cut).
+  If `split_long`, a line of over MAX_LINE_CHARS bytes comes as an iterator of pieces; else a
+  line that does not fit in one read comes as None, read past unparsed (a record cannot be cut).
   """
   limit, max_chars = 4 * MAX_LINE_CHARS, MAX_LINE_CHARS  # Bytes for MAX_LINE_CHARS of any script.
   readline, n = f.readline, 0
   try:
     while raw := readline(limit):
       n += 1
-      if raw[-1] == 10 or len(raw) < limit:  # The whole line in one read: the fast path.
+      if split_long and len(raw) > max_chars + 1:  # Over MAX_LINE_CHARS bytes, \n aside.
+        pieces = _long_line(raw, readline, limit, counts)
+        yield pieces
+        for _ in pieces:  # Reads what the consumer left, so the next line starts right.
+          pass
+      elif raw[-1] == 10 or len(raw) < limit:  # The whole line in one read: the fast path.
         try:
           text = raw.decode()
         except UnicodeDecodeError:
@@ -211,16 +204,7 @@ def _lines(f: io.BufferedReader, counts: Counts, *, split_long: bool) -> Iterato
           found = set()
           text = _repair(text, found)
           counts.update(found)
-        if split_long and len(text) > max_chars and len(text := text.rstrip("\n")) > max_chars:
-          counts["long_lines_split"] += 1
-          yield [text[i:i + max_chars] for i in range(0, len(text), max_chars)]
-        else:
-          yield text
-      elif split_long:
-        pieces = _long_line(raw, readline, limit, counts)
-        yield pieces
-        for _ in pieces:  # Reads what the consumer left, so the next line starts right.
-          pass
+        yield text
       else:
         while len(raw) == limit and raw[-1] != 10:
           raw = readline(limit)
@@ -229,8 +213,9 @@ def _lines(f: io.BufferedReader, counts: Counts, *, split_long: bool) -> Iterato
     counts["lines_read"] += n
 
 
-def _long_line(raw: bytes, readline, limit: int, counts: Counts) -> Iterator[str]:
-  """Decodes a line too long for one read, read by read, into pieces of MAX_LINE_CHARS.
+def _long_line(raw: bytes, readline: Callable[[int], bytes], limit: int,
+               counts: Counts) -> Iterator[str]:
+  """Decodes a long line, read by read, into pieces of at most MAX_LINE_CHARS chars.
 
   The incremental decoder keeps a character cut by a read for the next one; a \\r ending a read
   waits for the next one too, since only at the end of the line is it part of a CRLF.
@@ -278,13 +263,14 @@ def _txt_documents(lines: Iterable, counts: Counts) -> Iterator[list[str]]:
         doc, size, was_cut = [], 0, False
         continue
       pieces = (paragraph,)
-    else:  # The pieces of a long line; a blank one ends nothing.
+    else:  # The pieces of a long line; a blank piece ends nothing.
       pieces = (s for piece in line if (s := piece.strip()))
     for paragraph in pieces:
       doc.append(paragraph)
       size += len(paragraph)
       if size >= MAX_DOCUMENT_CHARS:
-        counts["long_documents_split"] += not was_cut
+        if not was_cut:  # Counted once per document, however many times it is cut.
+          counts["long_documents_split"] += 1
         yield doc
         doc, size, was_cut = [], 0, True
   if doc:

@@ -22,18 +22,13 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxlm import config as config_lib
-from jaxlm.data import formats, loader as loader_lib, setup as data_setup
+from jaxlm.data import setup as data_setup
 from jaxlm.errors import UserError
 from jaxlm.models import ModelConfig, Pretrainer
-from jaxlm.objectives import DataSpec, build_objectives
 from jaxlm.parallel import mesh as mesh_lib, rules as rules_lib
-from jaxlm.training import checkpoints, flops, optimizer, preemption
+from jaxlm.training import checkpoints, flops, inputs, optimizer, preemption
 from jaxlm.training import state as state_lib, step as step_lib
 from jaxlm.training.metrics import MetricWriter
-
-
-# The fixed eval pairs follow BERT's recipe, whatever the training pairs use.
-EVAL_PAIRS = {"short_seq_prob": 0.1, "random_next_prob": 0.5}
 
 
 class TrainingStopped(UserError):
@@ -114,62 +109,6 @@ class _Interval:
         self.last[key] = value
 
 
-def _data_and_objectives(config, workdir: str, model_vocab_size: int, process_index: int,
-                         process_count: int):
-  """The data, the enabled objectives, the train loader and the fixed eval loaders."""
-  t, d = config.train, config.data
-  is_main = process_index == 0
-
-  def share_failure(failed: bool) -> bool:
-    if process_count == 1:
-      return failed
-    return bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
-
-  sources = data_setup.resolve(d, model_vocab_size, workdir, is_main=is_main,
-                               share_failure=share_failure)
-  tokenizer = sources.tokenizer
-  spec = DataSpec(vocab_size=tokenizer.vocab_size, seq_len=d.seq_len,
-                  word_start=tokenizer.word_start)
-  objectives = build_objectives(config.objectives, spec, config.eval)
-  for objective in objectives:
-    if objective.formats is not None and d.format not in objective.formats:
-      raise UserError(
-          f"Objective '{objective.name}' trains on data.format {' or '.join(objective.formats)}, "
-          f"not '{d.format}'. Set --config.data.format={objective.formats[0]} or disable it "
-          f"with --config.objectives.{objective.name}.weight=0.")
-  example_options = {"random_next_prob": 0.0, "short_seq_prob": d.short_seq_prob}
-  for objective in objectives:
-    example_options.update(objective.example_options())
-  if d.format != "pairs":
-    example_options = {}
-
-  def loader(fmt, transforms, seed, stream_id, num_examples=None):
-    return loader_lib.BatchLoader(
-        fmt, global_batch_size=d.batch_size, transforms=transforms, seed=seed,
-        stream_id=stream_id, process_index=process_index, process_count=process_count,
-        num_examples=num_examples)
-
-  train = loader(formats.make_format(d.format, sources.train, d.seq_len, **example_options),
-                 [(o.name, o.host_transform) for o in objectives], t.seed,
-                 loader_lib.TRAIN_STREAM)
-  # The fixed eval sets: sentence windows for token-level objectives, BERT pairs for NSP.
-  eval_transforms = [(o.name, o.eval_transform) for o in objectives]
-  evals = {}
-  for name, on_pairs in (("windows", False), ("pairs", True)):
-    chosen = [o for o in objectives if o.evaluated_on_pairs == on_pairs]
-    if not chosen:
-      continue
-    fmt = (formats.make_format("pairs", sources.eval, d.seq_len, **EVAL_PAIRS) if on_pairs
-           else formats.make_format("full_sentences", sources.eval, d.seq_len))
-    evals[name] = (chosen, loader(fmt, eval_transforms, d.eval_seed, loader_lib.EVAL_STREAM,
-                                  d.eval_examples))
-  logging.info("Data %s: %d training examples per pass (%s), eval %s; tokenizer %d pieces",
-               sources.fingerprint, train.epoch_size, d.format,
-               ", ".join(f"{n} {e[1].num_examples}" for n, e in evals.items()),
-               tokenizer.vocab_size)
-  return sources, objectives, train, evals
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the run described by `config` in `workdir`; returns the last row."""
   process_index, process_count = jax.process_index(), jax.process_count()
@@ -197,7 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
   model_config = ModelConfig.from_config(config.model)
 
-  sources, objectives, train_loader, eval_loaders = _data_and_objectives(
+  sources, objectives, train_loader, eval_loaders = inputs.build_inputs(
       config, workdir, model_config.vocab_size, process_index, process_count)
   if is_main:
     with open(os.path.join(workdir, data_setup.DATASET_FILE), "w", encoding="utf-8") as f:
@@ -288,7 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     progress = tqdm(total=t.steps, initial=start, disable=not interactive, unit="step",
                     dynamic_ncols=True)
     try:
-      for step, host_batch in train_loader.iterate(start, t.steps):
+      for step, host_batch in train_loader.iterate(start, t.steps, workers=d.workers):
         batch = _global_batch(host_batch, batch_sharding, process_count)
         state, metrics = train_compiled(state, batch, dropout_rng)
         if pending is not None:
