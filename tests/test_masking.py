@@ -140,6 +140,21 @@ def test_random_replacements_are_uniform_over_regular_ids():
     assert _within(counts[v], n, p, sigmas=5), (v, counts)
 
 
+def test_random_replacements_are_independent_of_the_action():
+  """With the default split, the 10% random tokens are still uniform over regular ids: the
+  replacement draw is not the action draw in disguise."""
+  ids = np.full((4096, 64), 5, np.int32)
+  options = MaskingOptions(max_predictions=10)
+  out = mask_tokens(ids, _keys(range(4096)), options, vocab_size=16)
+  values = out["input_ids"][_chosen(ids, out)]
+  values = values[values != MASK_ID]  # Random replacements, and kept tokens (5).
+  counts = np.bincount(values, minlength=16)
+  chosen, p = int((out["mlm_weights"] > 0).sum()), options.random_token_prob / (16 - NUM_SPECIAL)
+  for v in range(NUM_SPECIAL, 16):
+    if v != 5:
+      assert _within(counts[v], chosen, p, sigmas=5), (v, counts)
+
+
 def test_custom_split_is_respected():
   ids = np.random.default_rng(1).integers(NUM_SPECIAL, VOCAB, (512, LENGTH)).astype(np.int32)
   options = MaskingOptions(rate=0.5, max_predictions=64, mask_token_prob=0.3,

@@ -55,10 +55,10 @@ def test_invalid_utf8_is_replaced_and_counted(tmp_path):
 
 
 def test_nul_crlf_and_control_chars_are_repaired_and_counted(tmp_path):
-  path = _write(tmp_path / "a.txt", b"one\r\nt\x00w\x00o\r\n\r\nthr\x1b[1mee\x0cend\r\n\tfour\n")
+  path = _write(tmp_path / "a.txt", b"one\r\nt\x00w\x00o\n\r\nthr\x1b[1mee\x0cend\n\tfour\n")
   docs, counts = _read(path)
   assert docs == [["one", "two"], ["thr [1mee end", "four"]]
-  assert counts["crlf_lines"] == 4  # The blank CRLF line too.
+  assert counts["crlf_lines"] == 2  # The blank CRLF line too.
   assert counts["nul_lines"] == 1
   assert counts["control_char_lines"] == 1  # The tab is kept (stripped here as edge whitespace).
   assert counts["lines_read"] == 5

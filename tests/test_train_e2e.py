@@ -140,6 +140,17 @@ def test_resume_reuses_the_tokenizer(first, resumed):
   assert resumed.tokenizer_stat.st_mtime_ns == first.tokenizer_stat.st_mtime_ns
 
 
+def test_workdir_records_its_data_and_refuses_other_data(repo_root, resumed, prepared_corpus):
+  with open(os.path.join(resumed.workdir, "dataset.json"), encoding="utf-8") as f:
+    dataset = json.load(f)
+  assert dataset["train"]["tokens"] > 0 and dataset["eval"]["documents"] > 0
+  config = _tiny_config(repo_root, steps=70)
+  config.data.train_files = prepared_corpus.directory  # Other data (another tokenizer).
+  with pytest.raises(UserError, match="trained on other data.*allow_data_change"):
+    loop.train_and_evaluate(config, resumed.workdir)
+  assert not os.path.isdir(os.path.join(resumed.workdir, "checkpoints", "70"))
+
+
 def test_read_metrics_merges_rows_per_step(resumed):
   rows = read_metrics(os.path.join(resumed.workdir, "metrics.jsonl"))
   assert [r["step"] for r in rows] == [1, 10, 20, 30, 40, 50, 60]

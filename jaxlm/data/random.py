@@ -23,6 +23,7 @@ _SEED_OFFSET = 0x2545F4914F6CDD1D  # Separates a seed from a counter of equal va
 _DRAW_OFFSET = 0x3C6EF372FE94F82B  # Separates draw numbers from counters.
 _U_MUL1, _U_MUL2 = np.uint64(_MUL1), np.uint64(_MUL2)
 _S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
+_CHUNK = 8192  # uint64 elements hashed at a time (64 KiB), see `uniform`.
 
 
 def _mix_int(z: int) -> int:
@@ -36,9 +37,8 @@ def _mix_int(z: int) -> int:
 def _mix(z: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
   """splitmix64's finaliser, a bijection of uint64 with full avalanche, in place on `z`.
 
-  Works in place with one scratch buffer: fresh temporaries of [B, L] size can each cost a
-  round of page faults (glibc serves blocks over 128 KiB with mmap), several times the arithmetic.
-  uint64 array arithmetic wraps around silently.
+  Works in place with one scratch buffer of z's size (fresh temporaries for each shift would
+  cost allocations). uint64 array arithmetic wraps around silently.
   """
   if scratch is None:
     scratch = np.empty_like(z)
@@ -98,30 +98,40 @@ def _offsets(n: int) -> np.ndarray:
   return offsets
 
 
-def _bits(keys: np.ndarray, draw: int, n: int) -> np.ndarray:
-  """uint64 hashes of shape keys.shape + (n,): element j of a row is mix(k + (j + 1) * golden)
-  where k hashes (key, draw), i.e. the row's SplitMix64 stream seeded by k."""
-  k = _as_uint64(keys, "keys")
-  if draw < 0:
-    raise ValueError(f"draw must be non-negative, got {draw}")
-  k ^= np.uint64(_mix_int(draw + _DRAW_OFFSET))
-  k = _mix(k)
-  z = np.add(k[..., None], _offsets(n))
-  return _mix(z)
-
-
 def uniform(keys: np.ndarray, draw: int, shape_tail: tuple[int, ...]) -> np.ndarray:
   """float64 in [0, 1), of shape keys.shape + shape_tail, 53 random bits each.
 
   Element j (in C order over shape_tail) of row b is a hash of (keys[b], draw, j): so a row's
   numbers depend on its key alone. `draw` separates independent streams of the same key.
+  Precisely: mix(k_b + (j + 1) * golden) >> 11, over 2**53, where k_b = mix(keys[b] ^ mix(draw
+  + offset)): the row's SplitMix64 stream, seeded with k_b.
   """
   keys = np.asarray(keys)
   n = math.prod(shape_tail)
-  bits = _bits(keys, draw, n)
-  bits >>= _S11
-  # Converted in place (same memory, same strides: elementwise-safe), saving a [B, n] buffer.
-  out = np.multiply(bits, 2.0**-53, out=bits.view(np.float64), casting="unsafe")
+  if draw < 0:
+    raise ValueError(f"draw must be non-negative, got {draw}")
+  k = _as_uint64(keys, "keys").reshape(-1)
+  k ^= np.uint64(_mix_int(draw + _DRAW_OFFSET))
+  k = _mix(k)
+  offsets = _offsets(n)
+  out = np.empty((k.size, n), np.float64)
+  # Hashed a block at a time in two small buffers, straight into `out`: [B, n]-sized
+  # temporaries can cost more in page faults than the hashing (glibc gives blocks over 128 KiB
+  # fresh pages), and the blocks stay in cache.
+  cols_per_block = max(1, min(n, _CHUNK))
+  rows_per_block = max(1, _CHUNK // cols_per_block)
+  work = np.empty((min(rows_per_block, k.size), min(cols_per_block, n)), np.uint64)
+  scratch = np.empty_like(work)
+  for r in range(0, k.size, rows_per_block):
+    rows = slice(r, r + rows_per_block)
+    for c in range(0, n, cols_per_block):
+      cols = slice(c, c + cols_per_block)
+      shape = (len(k[rows]), len(offsets[cols]))
+      block, tmp = work[:shape[0], :shape[1]], scratch[:shape[0], :shape[1]]
+      np.add(k[rows, None], offsets[cols], out=block)
+      _mix(block, tmp)
+      block >>= _S11
+      np.multiply(block, 2.0**-53, out=out[rows, cols])
   return out.reshape(keys.shape + tuple(shape_tail))
 
 

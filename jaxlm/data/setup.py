@@ -68,6 +68,7 @@ def _prepare_text(spec: str, output: str, d: ml_collections.ConfigDict, vocab_si
 
 def _prepare_all(d: ml_collections.ConfigDict, model_vocab_size: int, workdir: str) -> None:
   """Process 0's part: text inputs prepared into the workdir, the tokenizer copied there."""
+  os.makedirs(workdir, exist_ok=True)
   train_spec = d.train_files.strip() or default_corpus_path()
   if _as_prepared_folder(train_spec) is None:
     _prepare_text(train_spec, os.path.join(workdir, "prepared", "train"), d,
@@ -77,9 +78,12 @@ def _prepare_all(d: ml_collections.ConfigDict, model_vocab_size: int, workdir: s
   if d.eval_files.strip() and _as_prepared_folder(d.eval_files) is None:
     _prepare_text(d.eval_files, os.path.join(workdir, "prepared", "eval"), d, model_vocab_size,
                   os.path.join(train_dir, shards.TOKENIZER), 1.0)
-  kept = os.path.join(workdir, TOKENIZER_FILE)
-  shutil.copyfile(os.path.join(train_dir, shards.TOKENIZER), kept + ".tmp")
-  os.replace(kept + ".tmp", kept)
+  kept, source = os.path.join(workdir, TOKENIZER_FILE), os.path.join(train_dir, shards.TOKENIZER)
+  if not os.path.isfile(source):
+    return  # Not a prepared folder: opening it says so.
+  if not os.path.isfile(kept) or _digest(kept) != _digest(source):
+    shutil.copyfile(source, kept + ".tmp")
+    os.replace(kept + ".tmp", kept)
 
 
 def _train_dir(d, workdir: str) -> str:
