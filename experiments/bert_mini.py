@@ -18,4 +18,5 @@ def get_config():
   config.train.log_every = 25
   config.train.eval_every = 250
   config.train.checkpoint_every = 500
+  config.data.eval_examples = 1024  # A quarter of the default: eval stays under 10% of a CPU run.
   return config

@@ -1,2 +1,3 @@
-"""Text to batches: corpus reading, the sentencepiece tokenizer, BERT example building,
-masking, and the deterministic, resumable, host-sharded loader. Knows no objective."""
+"""Text to batches: reading and preparing corpora into token shards, the sentencepiece tokenizer,
+example formats computed lazily from the shards, masking, and the deterministic, host-sharded
+loader. Knows no objective."""

@@ -20,11 +20,11 @@ class Format(abc.ABC):
   # Keys of the rows besides input_ids / token_type_ids, with their value on a padding row.
   extra_fields: ClassVar[Mapping[str, int]] = {}
 
-  def __init__(self, split: Split, seq_len: int, **options: Any):
+  def __init__(self, split: Split, seq_len: int):
     if split.num_tokens == 0:
       raise UserError(f"The {split.name} split of the prepared data is empty: there is no text "
                       "to build examples from. Use more text or another eval_fraction.")
-    self.split, self.seq_len, self.options = split, seq_len, options
+    self.split, self.seq_len = split, seq_len
 
   @abc.abstractmethod
   def __len__(self) -> int:

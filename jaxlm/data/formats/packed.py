@@ -13,8 +13,8 @@ from jaxlm.data.formats import base, stream
 class Packed(base.Format):
   name = "packed"
 
-  def __init__(self, split, seq_len, **options):
-    super().__init__(split, seq_len, **options)
+  def __init__(self, split, seq_len):
+    super().__init__(split, seq_len)
     self._stream = stream.DocumentStream(split)
 
   def __len__(self) -> int:
