@@ -6,11 +6,12 @@ Per sequence, `rate` of the non-special tokens are chosen (at least 1, at most
 
 Randomness is counter-based (`jaxlm.data.random`): every number a row uses is a hash of that
 row's key, so what a sequence gets depends only on its own key: not on the batch it sits in, nor
-on how the batch is split across hosts. Nothing loops over rows except the whole-word greedy fill,
-which loops over word ranks, vectorised over rows.
+on how the batch is split across hosts. Nothing loops over rows or positions; the whole-word
+greedy fill loops over word ranks, vectorised over rows.
 """
 
 import dataclasses
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -45,6 +46,7 @@ def mask_tokens(
   (random replacements are drawn from its regular pieces); `word_start_V[id]` says whether a
   piece begins a word, needed for whole-word masking.
   """
+  input_ids_BL = np.ascontiguousarray(input_ids_BL)  # Flat indices below assume C order.
   batch, length = input_ids_BL.shape
   keys_B = np.asarray(keys_B)
   if keys_B.shape != (batch,):
@@ -57,15 +59,15 @@ def mask_tokens(
   n_candidates_B = np.count_nonzero(candidate_BL, axis=1)
   n_predict_B = np.minimum(p, np.maximum(1, np.round(n_candidates_B * options.rate))).astype(int)
   n_predict_B = np.minimum(n_predict_B, n_candidates_B)
-  choose_key_BL = random.uniform(keys_B, _CHOOSE_DRAW, (length,))
 
   if options.whole_word:
+    choose_key_BL = random.uniform(keys_B, _CHOOSE_DRAW, (length,))
     chosen_BL = _choose_whole_words(
         input_ids_BL, candidate_BL, word_start_V, choose_key_BL, n_predict_B
     )
     positions_BP, weights_BP = _slots_of(chosen_BL, p)
   else:
-    positions_BP, weights_BP = _choose_pieces(choose_key_BL, candidate_BL, n_predict_B, p)
+    positions_BP, weights_BP = _choose_pieces(keys_B, candidate_BL, n_predict_B, p)
 
   # Chosen positions fill the first slots, in sequence order; padding slots are position 0.
   # Gathers and scatters go through flat indices: cheaper than 2-d fancy indexing.
@@ -90,38 +92,62 @@ def mask_tokens(
   }
 
 
+def _row_blocks(batch: int, length: int) -> Iterator[slice]:
+  """Slices of rows with ~64 KiB of float64 per [rows, L] array.
+
+  Per-piece choosing works on blocks of rows because fresh [B, L] temporaries can cost more
+  than the arithmetic: glibc returns freed heap to the kernel past its trim threshold (128 KiB
+  by default) and maps blocks over 128 KiB afresh, and every new page is then a fault, a few
+  microseconds each in a VM. Rows are independent, so blocks change nothing in the result.
+  (The whole-word path is not blocked: its rank loop would run once per block.)
+  """
+  rows_per_block = max(1, 8192 // max(length, 1))
+  for start in range(0, batch, rows_per_block):
+    yield slice(start, start + rows_per_block)
+
+
+def _position_mask(length: int) -> int:
+  """The low bits of a folded key that hold its position (see `_fold_positions`)."""
+  return 2 ** max(1, (length - 1).bit_length()) - 1
+
+
 def _fold_positions(key_BL, member_BL):
   """Turns float keys in [0, 1) into distinct ones that carry their position, in place.
 
   floor(key * 2**(53 - b)) * 2**b + position (b bits hold a position): an integer below 2**53,
   exact in float64, so a plain value sort ranks positions, and ties cannot happen; non-members
-  get 2**53, above all members. Returns the keys and the position mask.
+  get 2**53, above all members. (Arithmetic, not np.where: a select on a random mask
+  mispredicts branches and costs several times more.)
   """
   length = key_BL.shape[1]
-  position_bits = max(1, (length - 1).bit_length())
-  key_BL *= 2.0 ** (53 - position_bits)
+  scale = float(_position_mask(length) + 1)
+  key_BL *= 2.0**53 / scale
   np.floor(key_BL, out=key_BL)
-  key_BL *= 2.0**position_bits
-  key_BL += np.arange(length, dtype=np.float64)
-  np.copyto(key_BL, 2.0**53, where=~member_BL)
-  return key_BL, 2**position_bits - 1
+  key_BL *= scale
+  key_BL += np.arange(length, dtype=np.float64) - 2.0**53  # Exact: integers of magnitude <= 2**53.
+  key_BL *= member_BL
+  key_BL += 2.0**53
+  return key_BL
 
 
-def _choose_pieces(key_BL, candidate_BL, n_predict_B, p):
-  """The `n_predict` candidates of smallest key per row, as positions in order and weights.
+def _choose_pieces(keys_B, candidate_BL, n_predict_B, p):
+  """The `n_predict` candidates of smallest choice draw per row, as positions in order and
+  weights.
 
   With positions folded into the keys, no [B, L] argsort is needed: an in-place partition
   keeps the p smallest, and only that [B, p] corner is sorted (by key, then by position).
-  Overwrites `key_BL`.
   """
-  batch, length = key_BL.shape
-  keyed_BL, position_mask = _fold_positions(key_BL, candidate_BL)
+  batch, length = candidate_BL.shape
   k = min(p, length)
-  if k < length:
-    keyed_BL.partition(k - 1, axis=1)
-  smallest_BK = np.sort(keyed_BL[:, :k], axis=1)
+  smallest_BK = np.empty((batch, k))
+  for rows in _row_blocks(batch, length):
+    keyed_bL = _fold_positions(random.uniform(keys_B[rows], _CHOOSE_DRAW, (length,)),
+                               candidate_BL[rows])
+    if k < length:
+      keyed_bL.partition(k - 1, axis=1)
+    smallest_BK[rows] = np.sort(keyed_bL[:, :k], axis=1)
   weights_BK = np.arange(k) < n_predict_B[:, None]
-  positions_BK = (smallest_BK.astype(np.int64) & position_mask).astype(np.int32)
+  positions_BK = (smallest_BK.astype(np.int64) & _position_mask(length)).astype(np.int32)
   # Unused slots sort last (as `length`), then become position 0.
   positions_BK[~weights_BK] = length
   positions_BK.sort(axis=1)
@@ -162,9 +188,6 @@ def _choose_whole_words(input_ids_BL, candidate_BL, word_start_V, key_BL, n_pred
   over rows. Overwrites `key_BL`.
   """
   batch, length = input_ids_BL.shape
-  # Positions in the narrowest type that holds length + 1: [B, L] arrays stay small.
-  index_dtype = np.int16 if length < 2**14 else np.int32
-  position_L = np.arange(length, dtype=index_dtype)
   starts_BL = np.take(np.asarray(word_start_V, bool), input_ids_BL)
   starts_BL[:, 1:] |= ~candidate_BL[:, :-1]  # A piece after a special token starts a word.
   starts_BL &= candidate_BL
@@ -175,23 +198,31 @@ def _choose_whole_words(input_ids_BL, candidate_BL, word_start_V, key_BL, n_pred
     return starts_BL
 
   # A word's size, at its start: the distance to the next start or non-candidate after it.
-  boundary_BL = np.where(starts_BL | ~candidate_BL, position_L, index_dtype(length))
-  next_boundary_BL = np.empty_like(boundary_BL)
-  next_boundary_BL[:, -1] = length
-  np.minimum.accumulate(boundary_BL[:, :0:-1], axis=1, out=next_boundary_BL[:, -2::-1])
-  next_boundary_BL -= position_L  # Now each start's word size.
+  # Two int64 [B, L] buffers serve throughout (numpy's int64 accumulate is the fast one), and
+  # selects are arithmetic on masks, not np.where (see `_fold_positions`).
+  position_L = np.arange(length)
+  boundary_BL = np.multiply(starts_BL | ~candidate_BL, position_L - length)
+  boundary_BL += length  # Position at a start or non-candidate, else length.
+  size_BL = np.empty_like(boundary_BL)
+  size_BL[:, -1] = length
+  np.minimum.accumulate(boundary_BL[:, :0:-1], axis=1, out=size_BL[:, -2::-1])
+  size_BL -= position_L  # The next boundary's distance; at a start, its word's size.
 
-  # Words in key order: [B, W] start positions and sizes; slots past a row's words never fit.
-  keyed_BL, position_mask = _fold_positions(key_BL, starts_BL)
+  # Words in key order: [B, W] start positions and sizes; ranks past a row's words never fit.
+  keyed_BL = _fold_positions(key_BL, starts_BL)
   keyed_BL.sort(axis=1)
   row_offset_B1 = (np.arange(batch) * length)[:, None]
-  ranked_flat_BW = (keyed_BL[:, :n_words].astype(np.int64) & position_mask) + row_offset_B1
-  ranked_size_WB = np.take(next_boundary_BL, ranked_flat_BW.T)
-  ranked_size_WB[np.arange(n_words)[:, None] >= n_words_B] = length + 1
-  # smallest_left_WB[w]: the smallest word at rank >= w; a row whose budget is below it is done.
-  smallest_left_WB = np.minimum.accumulate(ranked_size_WB[::-1], axis=0)[::-1]
+  ranked_flat_BW = keyed_BL[:, :n_words].astype(np.int64)
+  ranked_flat_BW &= _position_mask(length)
+  ranked_flat_BW += row_offset_B1
+  ranked_size_BW = np.take(size_BL, ranked_flat_BW)
+  ranked_size_BW[np.arange(n_words) >= n_words_B[:, None]] = length + 1
+  # smallest_left[w]: the smallest word at rank >= w; a row whose budget is below it is done.
+  smallest_left_BW = np.minimum.accumulate(ranked_size_BW[:, ::-1], axis=1)[:, ::-1]
+  ranked_size_WB = np.ascontiguousarray(ranked_size_BW.T)
+  smallest_left_WB = np.ascontiguousarray(smallest_left_BW.T)
 
-  budget_B = n_predict_B.astype(index_dtype)
+  budget_B = n_predict_B.astype(np.int64)
   take_WB = np.zeros((n_words, batch), bool)
   for w in range(n_words):
     if (budget_B < smallest_left_WB[w]).all():
@@ -200,8 +231,9 @@ def _choose_whole_words(input_ids_BL, candidate_BL, word_start_V, key_BL, n_pred
     budget_B -= ranked_size_WB[w] * take_WB[w]
 
   # Back to pieces: a piece is chosen when the start of its word is.
-  chosen_start_BL = np.zeros_like(candidate_BL)
+  chosen_start_BL = np.zeros((batch, length), bool)
   chosen_start_BL.reshape(-1)[ranked_flat_BW.T[take_WB]] = True
-  start_of_BL = np.where(starts_BL, position_L, index_dtype(0))
+  start_of_BL = np.multiply(starts_BL, position_L, out=boundary_BL)
   np.maximum.accumulate(start_of_BL, axis=1, out=start_of_BL)
-  return candidate_BL & np.take(chosen_start_BL, start_of_BL + row_offset_B1)
+  start_of_BL += row_offset_B1
+  return candidate_BL & np.take(chosen_start_BL, start_of_BL)
