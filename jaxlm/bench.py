@@ -37,8 +37,7 @@ def pipeline_benchmark(config, workdir: str, steps: int, warmup: int) -> dict:
   loop.prepare_workdir(workdir)
   sources, objectives, train, _ = inputs.build_inputs(config, workdir, config.model.vocab_size)
   d = config.data
-  batches = train.iterate(0, warmup + steps, prefetch=2, workers=d.workers) if d.workers else (
-      (s, train.batch(s)) for s in range(warmup + steps))
+  batches = train.iterate(0, warmup + steps, workers=d.workers)  # As the training loop does.
   started = time.perf_counter()
   for step, _ in batches:
     if step == warmup - 1:  # Warm-up done (workers started, pages of the shards read once).

@@ -244,6 +244,16 @@ def test_a_failing_transform_is_raised_from_a_worker(pairs_format):
     next(loader.iterate(0, 3))
 
 
+def _refuse(batch, keys):  # Top level: worker processes are spawned, so transforms are pickled.
+  raise UserError("this option makes no sense")
+
+
+def test_a_user_error_in_a_worker_stays_a_user_error(pairs_format):
+  loader = _loader(pairs_format, transforms=[("refuse", _refuse)])
+  with pytest.raises(UserError, match="this option makes no sense"):
+    next(loader.iterate(0, 3, workers=1))
+
+
 def test_fixed_set_pads_its_last_batch(pairs_format):
   loader = _loader(pairs_format, num_examples=21)
   assert loader.steps == 3

@@ -159,3 +159,33 @@ def test_missing_and_broken_inputs_name_the_file(tmp_path, tokenizer):
   with pytest.raises(UserError, match="broken.txt.gz"):
     prepare.prepare(_options(broken, tmp_path / "out2", tokenizer))
   assert not shards.is_prepared(str(tmp_path / "out2"))
+
+
+def test_a_damaged_folder_is_refused_then_redone(tmp_path, tokenizer, corpus_documents):
+  _write_docs(tmp_path / "a.txt.gz", corpus_documents[:10])
+  options = _options(tmp_path / "a.txt.gz", tmp_path / "out", tokenizer)
+  first = prepare.prepare(options)
+  shard = tmp_path / "out" / "train-00000.tokens"
+  shard.write_bytes(shard.read_bytes()[:-10])  # Cut short, as a full disk would leave it.
+  with pytest.raises(UserError, match="train-00000.tokens.*wrong size"):
+    shards.PreparedData(str(tmp_path / "out"))
+  assert not prepare.is_up_to_date(options)
+  assert prepare.prepare(options)["fingerprint"] == first["fingerprint"]
+  shards.PreparedData(str(tmp_path / "out"))  # Readable again.
+  (tmp_path / "out" / shards.MANIFEST).write_text("{not json")
+  with pytest.raises(UserError, match="unreadable.*--overwrite"):
+    prepare.prepare(options)
+  assert prepare.prepare(_options(tmp_path / "a.txt.gz", tmp_path / "out", tokenizer,
+                                  overwrite=True))["fingerprint"] == first["fingerprint"]
+
+
+def test_the_fingerprint_covers_document_boundaries(tmp_path, tokenizer, corpus_documents):
+  joined = [[p for d in corpus_documents[:4] for p in d]]  # The same text as one document.
+  _write_docs(tmp_path / "four.txt.gz", corpus_documents[:4])
+  _write_docs(tmp_path / "one.txt.gz", joined)
+  four = prepare.prepare(_options(tmp_path / "four.txt.gz", tmp_path / "a", tokenizer,
+                                  eval_fraction=0.0))
+  one = prepare.prepare(_options(tmp_path / "one.txt.gz", tmp_path / "b", tokenizer,
+                                 eval_fraction=0.0))
+  assert four["splits"]["train"]["tokens"] == one["splits"]["train"]["tokens"]
+  assert four["fingerprint"] != one["fingerprint"]

@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxlm.data import random as random_lib
 from jaxlm.data.formats import Format
+from jaxlm.errors import UserError
 
 Batch = dict[str, np.ndarray]
 # A host-side transform: (batch, one uint64 key per example) -> batch.
@@ -125,16 +126,21 @@ def _work(loader: BatchLoader, first: int, stop: int, every: int, ready, free, s
       if stopping.is_set():
         return
       if slot >= len(slots):
-        slots.append(shared_memory.SharedMemory(create=True, size=2 * size))
+        slots.append(shared_memory.SharedMemory(create=True, size=size))
+      elif slots[slot].size < size:  # A larger batch than before: a new block for this slot.
+        slots[slot].close()
+        slots[slot].unlink()
+        slots[slot] = shared_memory.SharedMemory(create=True, size=size)
       memory, layout, offset = slots[slot], [], 0
-      if memory.size < size:
-        raise RuntimeError(f"batch of step {step} outgrew its slot ({size} > {memory.size})")
       for key, value in batch.items():
         np.ndarray(value.shape, value.dtype, memory.buf, offset)[...] = value
         layout.append((key, value.shape, value.dtype.str, offset))
         offset += value.nbytes
       ready.put((step, memory.name, slot, layout))
     stopping.wait()  # Keep the slots alive until the consumer has copied the last batch.
+  except UserError as e:  # A user's mistake stays one, without a traceback.
+    ready.put((-2, str(e), -1, None))
+    stopping.wait()
   except BaseException:  # Re-raised in the consumer, with the worker's traceback as text.
     ready.put((-1, traceback.format_exc(), -1, None))
     stopping.wait()
@@ -168,7 +174,12 @@ def _from_processes(loader: BatchLoader, start: int, stop: int, workers: int,
           break
         except queue.Empty:
           if not processes[k].is_alive():
-            raise RuntimeError(f"The data worker for step {step} died (out of memory?).") from None
+            raise RuntimeError(
+                f"The data worker for step {step} died (exit code {processes[k].exitcode}): out "
+                "of memory, or of shared memory (/dev/shm, where batches travel; in Docker raise "
+                "--shm-size). data.workers=0 builds batches in a thread instead.") from None
+      if got == -2:
+        raise UserError(name)
       if got < 0:
         raise RuntimeError(f"A data worker failed:\n{name}")
       if name not in attached:
@@ -194,20 +205,24 @@ def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
   done = object()
   stop = threading.Event()
 
+  def put(item) -> bool:
+    """Waits for room unless the consumer has gone; False when it has."""
+    while not stop.is_set():
+      try:
+        buffer.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
   def produce():
     try:
       for item in items:
-        while not stop.is_set():
-          try:
-            buffer.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
-        if stop.is_set():
+        if not put(item):
           return
-      buffer.put(done)
+      put(done)
     except BaseException as e:  # Re-raised in the consumer.
-      buffer.put(e)
+      put(e)
 
   thread = threading.Thread(target=produce, daemon=True)
   thread.start()

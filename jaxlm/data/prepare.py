@@ -83,9 +83,12 @@ def describe_inputs(paths: list[str]) -> list[dict]:
 
 
 def is_up_to_date(options: PrepareOptions) -> bool:
-  """Whether `options.output` is complete and was prepared from these inputs and recipe."""
-  manifest = shards.read_manifest(options.output)
-  if manifest is None:
+  """Whether `options.output` is complete, intact, and prepared from these inputs and recipe."""
+  try:
+    manifest = shards.read_manifest(options.output)
+  except UserError:  # Unreadable or of another format version: not up to date.
+    return False
+  if manifest is None or shards.damaged_files(options.output, manifest):
     return False
   paths = text.resolve_inputs(options.inputs)
   return manifest["inputs"] == describe_inputs(paths) and manifest["recipe"] == options.recipe()
@@ -101,16 +104,28 @@ def prepare(options: PrepareOptions) -> dict:
   paths = text.resolve_inputs(options.inputs)
   inputs, recipe = describe_inputs(paths), options.recipe()
   out = options.output
-  manifest = shards.read_manifest(out) if os.path.isdir(out) else None
+  manifest_path = os.path.join(out, shards.MANIFEST)
+  ours = os.path.isfile(manifest_path) or os.path.isfile(os.path.join(out, STATE))
+  try:
+    manifest = shards.read_manifest(out) if os.path.isdir(out) else None
+  except UserError:
+    if not options.overwrite:
+      raise
+    manifest = None  # Unreadable or of another version: replaced, as --overwrite asks.
   if manifest is not None:
-    if manifest["inputs"] == inputs and manifest["recipe"] == recipe:
+    same = manifest["inputs"] == inputs and manifest["recipe"] == recipe
+    damaged = shards.damaged_files(out, manifest)
+    if same and not damaged:
       logging.info("'%s' is already prepared from these inputs.", out)
       return manifest
-    if not options.overwrite:
+    if not same and not options.overwrite:
       raise UserError(f"'{out}' holds data prepared from other inputs or options. Choose "
                       "another --output, or pass --overwrite to replace it.")
-    os.remove(os.path.join(out, shards.MANIFEST))  # Incomplete from here until done again.
-  state = _start_state(out, inputs, recipe)
+    if damaged:
+      logging.warning("'%s' is damaged (%s); preparing it again.", out, damaged[0])
+  if os.path.isfile(manifest_path):
+    os.remove(manifest_path)  # Incomplete from here until done again.
+  state = _start_state(out, inputs, recipe, ours)
 
   tokenizer_path = os.path.join(out, shards.TOKENIZER)
   counts = collections.Counter()
@@ -144,8 +159,12 @@ def prepare(options: PrepareOptions) -> dict:
   return manifest
 
 
-def _start_state(out: str, inputs: list[dict], recipe: dict) -> dict:
-  """The in-progress record of `out`; an earlier attempt's shards are removed, its tokenizer kept."""
+def _start_state(out: str, inputs: list[dict], recipe: dict, ours: bool) -> dict:
+  """The in-progress record of `out`; an earlier attempt's shards are removed, its tokenizer kept.
+
+  A folder that is neither a prepared one nor one being prepared (`ours`) must be empty: files
+  of the user's are never deleted or mixed with shards.
+  """
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, STATE)
   state = None
@@ -156,10 +175,10 @@ def _start_state(out: str, inputs: list[dict], recipe: dict) -> dict:
     except ValueError:
       state = None
   if state is None or state.get("inputs") != inputs or state.get("recipe") != recipe:
-    ours = {shards.TOKENIZER, shards.STATS, STATE}
-    foreign = [n for n in os.listdir(out) if n not in ours and not _SHARD_FILE.match(n)
+    known = {shards.TOKENIZER, shards.STATS, STATE, shards.MANIFEST}
+    foreign = [n for n in os.listdir(out) if n not in known and not _SHARD_FILE.match(n)
                and ".tmp-" not in n]
-    if foreign and state is None:
+    if foreign and not ours:
       raise UserError(f"--output '{out}' is not empty and is not a jaxlm prepared folder "
                       f"(it holds '{foreign[0]}'). Choose a new or empty folder.")
     state = dict(inputs=inputs, recipe=recipe, tokenizer_done=False)

@@ -114,7 +114,7 @@ def resolve(
   if is_main:
     try:
       _prepare_all(d, model_vocab_size, workdir)
-    except UserError as e:
+    except Exception as e:  # Any failure is shared first, so no process waits for ever.
       failure = e
   if share_failure(failure is not None) and not is_main:
     raise UserError("Process 0 could not prepare the data; its log says why.")

@@ -73,9 +73,12 @@ class ShardWriter:
       return
     if self._file is None:
       self._open()
-    tokens = tokens.astype(self._dtype, copy=False)
-    self._file.write(tokens.tobytes())
-    self._content.update(tokens.tobytes())
+    data = tokens.astype(self._dtype, copy=False).tobytes()
+    self._file.write(data)
+    # The fingerprint covers the boundaries too: pairs and sentences depend on them.
+    for part in (data, np.asarray(sentence_lengths, np.int64).tobytes(),
+                 np.asarray(document_sentences, np.int64).tobytes()):
+      self._content.update(part)
     self._sentence_starts.append(self._tokens + np.cumsum(sentence_lengths, dtype=np.int64))
     ends = np.cumsum(sentence_lengths, dtype=np.int64)[np.cumsum(document_sentences) - 1]
     self._document_starts.extend((self._tokens + ends).tolist())
@@ -114,17 +117,34 @@ def read_manifest(directory: str) -> dict | None:
     with open(path, encoding="utf-8") as f:
       manifest = json.load(f)
   except (OSError, ValueError) as e:
-    raise UserError(f"The prepared data's manifest '{path}' is unreadable ({e}). Run "
-                    "`python -m jaxlm.prepare` again into this folder.") from None
+    raise UserError(f"The prepared data's manifest '{path}' is unreadable ({e}). Prepare the "
+                    "folder again (`python -m jaxlm.prepare ... --overwrite`).") from None
   if manifest.get("format_version") != FORMAT_VERSION:
     raise UserError(f"'{directory}' was prepared by another jaxlm data format "
                     f"({manifest.get('format_version')}, this jaxlm reads {FORMAT_VERSION}). "
-                    "Prepare it again.")
+                    "Prepare it again (`python -m jaxlm.prepare ... --overwrite`).")
   return manifest
 
 
 def is_prepared(directory: str) -> bool:
   return os.path.isfile(os.path.join(directory, MANIFEST))
+
+
+def damaged_files(directory: str, manifest: dict) -> list[str]:
+  """The shard files of a manifest that are missing or of the wrong size (cheap: stat only)."""
+  itemsize = np.dtype(manifest["token_dtype"]).itemsize
+  bad = []
+  for entry in manifest["splits"].values():
+    for shard in entry["shards"]:
+      prefix = os.path.join(directory, shard["name"])
+      tokens = prefix + ".tokens"
+      if not os.path.isfile(tokens) or os.path.getsize(tokens) != shard["tokens"] * itemsize:
+        bad.append(tokens)
+      bad.extend(p for p in (prefix + ".sentences.npy", prefix + ".documents.npy")
+                 if not os.path.isfile(p))
+  if not os.path.isfile(os.path.join(directory, TOKENIZER)):
+    bad.append(os.path.join(directory, TOKENIZER))
+  return bad
 
 
 @dataclasses.dataclass
@@ -156,7 +176,8 @@ class Split:
       expected = shard["tokens"] * self._dtype.itemsize
       if not os.path.isfile(path) or os.path.getsize(path) != expected:
         raise UserError(f"Prepared shard '{path}' is missing or has the wrong size (expected "
-                        f"{expected} bytes). The folder is damaged: prepare it again.")
+                        f"{expected} bytes). The folder is damaged: run the same "
+                        "`python -m jaxlm.prepare` command again to redo it.")
       tokens = np.memmap(path, self._dtype, "r") if expected else np.zeros(0, self._dtype)
       try:
         sentences = np.load(prefix + ".sentences.npy", mmap_mode="r")
@@ -204,10 +225,6 @@ class Split:
   def sentence_start_at_or_before(self, offsets: np.ndarray) -> np.ndarray:
     """The start of the sentence holding each offset (offsets must be < num_tokens)."""
     return self._search(offsets, "right", -1)
-
-  def sentence_start_after(self, offsets: np.ndarray) -> np.ndarray:
-    """The first sentence start strictly after each offset (the shard's end when none)."""
-    return self._search(offsets, "right", 0)
 
   def sentence_start_between(self, low: np.ndarray, high: np.ndarray, u: np.ndarray) -> np.ndarray:
     """A sentence start strictly inside (low, high), chosen by `u` in [0, 1); -1 where none.

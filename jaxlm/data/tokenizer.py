@@ -46,7 +46,7 @@ def train(
     ) from None
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix=".tmp") as f:
+  with tempfile.NamedTemporaryFile(dir=directory, delete=False, prefix=".tokenizer.tmp-") as f:
     f.write(model.getvalue())
   os.chmod(f.name, 0o644)  # NamedTemporaryFile makes it private; a model is shared.
   os.replace(f.name, path)

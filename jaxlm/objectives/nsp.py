@@ -1,8 +1,8 @@
 """Next sentence prediction, as in BERT: is segment B the text that follows A?
 
 Config `objectives.nsp`: `weight` and `random_next_prob` (how often B comes from another
-document). The pairs themselves are built by `jaxlm.data.examples`; this objective only asks for
-random-next pairs and scores the NSP head.
+document). The pairs themselves are built by the `pairs` format (`jaxlm.data.formats.pairs`),
+the only one it trains on; this objective asks for random-next pairs and scores the NSP head.
 """
 
 from collections.abc import Mapping

@@ -59,8 +59,8 @@ def build_inputs(
   train = loader(formats.make_format(d.format, sources.train, d.seq_len, **example_options),
                  [(o.name, o.host_transform) for o in objectives], t.seed,
                  loader_lib.TRAIN_STREAM)
-  # The fixed eval sets: sentence windows for token-level objectives, BERT pairs for NSP.
-  eval_transforms = [(o.name, o.eval_transform) for o in objectives]
+  # The fixed eval sets: sentence windows for token-level objectives, BERT pairs for NSP;
+  # each corrupted only by the objectives evaluated on it (NSP sees unmasked pairs in every arm).
   evals = {}
   for name, on_pairs in (("windows", False), ("pairs", True)):
     chosen = [o for o in objectives if o.evaluated_on_pairs == on_pairs]
@@ -68,8 +68,8 @@ def build_inputs(
       continue
     fmt = (formats.make_format("pairs", sources.eval, d.seq_len, **EVAL_PAIRS) if on_pairs
            else formats.make_format("full_sentences", sources.eval, d.seq_len))
-    evals[name] = (chosen, loader(fmt, eval_transforms, d.eval_seed, loader_lib.EVAL_STREAM,
-                                  d.eval_examples))
+    evals[name] = (chosen, loader(fmt, [(o.name, o.eval_transform) for o in chosen],
+                                  d.eval_seed, loader_lib.EVAL_STREAM, d.eval_examples))
   logging.info("Data %s: %d training examples per pass (%s), eval %s; tokenizer %d pieces",
                sources.fingerprint, train.epoch_size, d.format,
                ", ".join(f"{n} {e[1].num_examples}" for n, e in evals.items()),

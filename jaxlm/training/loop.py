@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxlm import config as config_lib
-from jaxlm.data import setup as data_setup
+from jaxlm.data import setup as data_setup, shards
 from jaxlm.errors import UserError
 from jaxlm.models import ModelConfig, Pretrainer
 from jaxlm.parallel import mesh as mesh_lib, rules as rules_lib
@@ -138,9 +138,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   sources, objectives, train_loader, eval_loaders = inputs.build_inputs(
       config, workdir, model_config.vocab_size, process_index, process_count)
-  if is_main:
-    with open(os.path.join(workdir, data_setup.DATASET_FILE), "w", encoding="utf-8") as f:
-      json.dump(sources.description, f, indent=2, sort_keys=True)
 
   model = Pretrainer(model_config, heads=tuple((o.name, o.head) for o in objectives if o.head))
   tx, schedule = optimizer.make_optimizer(config.optimizer, t.steps)
@@ -171,6 +168,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.warning("Resuming with data.batch_size %d, saved with %s: the data stream moves.",
                         d.batch_size, position.get("global_batch_size"))
       logging.info("Resumed from the checkpoint at step %d", start)
+    if is_main:  # After the check above: a refused resume leaves the record as it was.
+      shards.write_json(os.path.join(workdir, data_setup.DATASET_FILE), sources.description)
     logging.info(
         "Parameters: %d (%.1f MiB per device); optimizer state: %.1f MiB per device; mesh %s",
         sum(x.size for x in jax.tree_util.tree_leaves(abstract.params)),
@@ -184,9 +183,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         out_shardings=(shardings, replicated),
         donate_argnums=0,
     )
+    # Each eval set runs only the heads of the objectives it evaluates (the pairs set, no MLM).
     eval_fns = {
         name: jax.jit(
-            functools.partial(step_lib.eval_step, model=model, objectives=chosen),
+            functools.partial(
+                step_lib.eval_step, objectives=chosen,
+                model=model.clone(heads=tuple(
+                    (n, h) for n, h in model.heads if n in {o.name for o in chosen}))),
             in_shardings=(shardings.params, batch_sharding),
             out_shardings=replicated,
         )
@@ -202,12 +205,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         o.flops_per_token(model_config) for o in objectives)
     peak = flops.peak_flops_per_device(t.peak_tflops_per_device) * jax.device_count()
 
+    eval_batches: dict[str, list] = {}  # The fixed sets, built once (this host's rows).
+
     def evaluate(params) -> dict[str, float]:
       """Every objective on its fixed eval set; eval/loss is their weighted sum."""
       sums: dict[str, float] = {}
       for name, (_, eval_loader) in eval_loaders.items():
-        for k in range(eval_loader.steps):
-          batch = _global_batch(eval_loader.batch(k), batch_sharding, process_count)
+        if name not in eval_batches:
+          eval_batches[name] = [eval_loader.batch(k) for k in range(eval_loader.steps)]
+        for host_batch in eval_batches[name]:
+          batch = _global_batch(host_batch, batch_sharding, process_count)
           for key, value in jax.device_get(eval_fns[name](params, batch)).items():
             if not key.startswith("loss/"):
               sums[key] = sums.get(key, 0.0) + float(value)

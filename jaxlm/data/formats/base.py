@@ -21,6 +21,8 @@ class Format(abc.ABC):
   extra_fields: ClassVar[Mapping[str, int]] = {}
 
   def __init__(self, split: Split, seq_len: int):
+    if seq_len < 8:
+      raise UserError(f"data.seq_len is {seq_len}; examples need at least 8 positions.")
     if split.num_tokens == 0:
       raise UserError(f"The {split.name} split of the prepared data is empty: there is no text "
                       "to build examples from. Use more text or another eval_fraction.")
@@ -54,8 +56,14 @@ def make_format(name: str, split: Split, seq_len: int, **options: Any) -> Format
 
 
 def window_starts(count: np.ndarray, length: np.ndarray, index: np.ndarray) -> np.ndarray:
-  """Nominal start of window `index` of `count` spread evenly over `length` positions."""
-  return (index * length) // np.maximum(count, 1)
+  """Nominal start of window `index` of `count` spread evenly over `length` positions.
+
+  floor(index x length / count) without forming index x length, which overflows int64 for a
+  stream of tens of billions of tokens.
+  """
+  count = np.maximum(count, 1)
+  quotient, remainder = np.divmod(length, count)
+  return index * quotient + (index * remainder) // count
 
 
 def slack_of(width: int) -> int:
