@@ -157,6 +157,10 @@ def test_pairs_split_a_and_b_at_sentences_and_nsp_takes_other_documents(syntheti
     shorter += len(a) + len(b) < SEQ_LEN - 3 - 4
   assert at_sentence / checked > 0.8
   assert shorter > 0.05 * n  # short_seq_prob makes some examples short.
+  # No shortcut: a random B is as long as the real one would have been.
+  filled = (batch["input_ids"] != PAD_ID).sum(1)
+  mean_0, mean_1 = filled[labels == 0].mean(), filled[labels == 1].mean()
+  assert abs(mean_0 - mean_1) < 0.05 * mean_0, (mean_0, mean_1)
 
 
 def test_nsp_pairs_need_two_documents(tmp_path):

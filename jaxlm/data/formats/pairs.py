@@ -6,8 +6,9 @@ chunk i, with the example's own random key:
 - with probability `short_seq_prob` only a random-length prefix of 2 .. seq_len - 3 tokens is
   used, so the model also sees short inputs (BERT's `short_seq_prob`);
 - A ends at a random sentence boundary inside the chunk (at a random token when there is none);
-- B is the rest of the chunk (label 0) or, with probability `random_next_prob`, text from a
-  random other document, starting at a sentence there, filling the same length (label 1).
+- B is the rest of the chunk (label 0) or, with probability `random_next_prob`, as many tokens
+  from a random other document, starting at a sentence there (label 1). Both labels thus have
+  the same lengths: a model cannot tell them apart by where the padding starts.
 Unlike BERT's script, the chunks are fixed by the document's length and sentence starts alone,
 so example i is computed without building the others; when B is random, the rest of the chunk is
 not used by that example (BERT puts it back into the next one). A sentence longer than a chunk is
@@ -76,10 +77,13 @@ class Pairs(base.Format):
     other = (u[:, _OTHER_DOC] * max(documents - 1, 1)).astype(np.int64)
     other += other >= document
     other = np.minimum(other, documents - 1)
-    other_start = self.split.document_starts[other]
-    other_pos = other_start + (u[:, _OTHER_POS] * self._doc_lengths[other]).astype(np.int64)
+    want = np.maximum(end - cut, 1)
+    # A random place in the other document that leaves `want` tokens after it where it can,
+    # moved back to the start of its sentence.
+    room = np.maximum(self._doc_lengths[other] - want + 1, 1)
+    other_pos = self.split.document_starts[other] + (u[:, _OTHER_POS] * room).astype(np.int64)
     other_b = self.split.sentence_start_at_or_before(other_pos)
-    other_len = np.minimum(np.maximum(target - a_len, 1), self.split.document_starts[other + 1] - other_b)
+    other_len = np.minimum(want, self.split.document_starts[other + 1] - other_b)
     b_start = np.where(random_next, other_b, cut)
     b_len = np.where(random_next, other_len, end - cut)
 
