@@ -12,12 +12,11 @@ from jaxlm.data.tokenizer import CLS_ID, SEP_ID
 
 
 @base.register
-class FullSentences(base.Format):
+class FullSentences(stream.StreamFormat):
   name = "full_sentences"
 
   def __init__(self, split, seq_len):
     super().__init__(split, seq_len)
-    self._stream = stream.DocumentStream(split)
     self._width = seq_len - 2
     self._count = int(base.windows_for(self._stream.length, self._width))
 

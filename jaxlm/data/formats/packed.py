@@ -10,12 +10,8 @@ from jaxlm.data.formats import base, stream
 
 
 @base.register
-class Packed(base.Format):
+class Packed(stream.StreamFormat):
   name = "packed"
-
-  def __init__(self, split, seq_len):
-    super().__init__(split, seq_len)
-    self._stream = stream.DocumentStream(split)
 
   def __len__(self) -> int:
     return -(-self._stream.length // self.seq_len)

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from jaxlm.data.formats import base
 from jaxlm.data.shards import Split
 from jaxlm.data.tokenizer import PAD_ID, SEP_ID
 
@@ -34,3 +35,11 @@ class DocumentStream:
     token = np.minimum(positions - document, self.split.document_starts[document + 1] - 1)
     found = self.split.sentence_start_at_or_before(token) + document
     return np.where(found >= lowest, found, positions)
+
+
+class StreamFormat(base.Format):
+  """A format that reads the split as one stream of documents (`full_sentences`, `packed`)."""
+
+  def __init__(self, split: Split, seq_len: int):
+    super().__init__(split, seq_len)
+    self._stream = DocumentStream(split)
