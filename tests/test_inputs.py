@@ -84,3 +84,25 @@ def test_every_format_trains_mlm(repo_root, prepared_corpus, tmp_path, fmt):
   assert batch["input_ids"].shape == (config.data.batch_size, config.data.seq_len)
   assert batch["mlm_weights"].sum(1).min() >= 1
   assert ("next_sentence_label" in batch) == (fmt == "pairs")
+
+
+def test_eval_files_are_prepared_with_the_training_tokenizer(repo_root, prepared_corpus,
+                                                              corpus_documents, tmp_path):
+  held_out = tmp_path / "held_out.txt"
+  held_out.write_text("\n\n".join("\n".join(d) for d in corpus_documents[:3]) + "\n")
+  config = _config(repo_root, prepared_corpus, data__eval_files=str(held_out))
+  sources, _, _, evals = inputs.build_inputs(config, str(tmp_path / "w"), config.model.vocab_size)
+  assert sources.eval.num_documents == 3
+  assert (tmp_path / "w" / "prepared" / "eval" / "manifest.json").is_file()
+  assert sources.fingerprint != prepared_corpus.fingerprint  # Both data sets are recorded.
+  assert evals["windows"][1].num_examples > 0
+
+
+def test_eval_data_with_another_tokenizer_is_refused(repo_root, prepared_corpus, tmp_path):
+  other = _config(repo_root, prepared_corpus)
+  other.data.train_files = ""  # The embedded corpus, with a tokenizer trained for this workdir.
+  sources, _, _, _ = inputs.build_inputs(other, str(tmp_path / "other"), other.model.vocab_size)
+  config = _config(repo_root, prepared_corpus,
+                   data__eval_files=os.path.join(str(tmp_path / "other"), "prepared", "train"))
+  with pytest.raises(UserError, match="another tokenizer"):
+    inputs.build_inputs(config, str(tmp_path / "w"), config.model.vocab_size)
