@@ -268,3 +268,13 @@ def test_fixed_set_pads_its_last_batch(pairs_format):
   whole = _loader(pairs_format, num_examples=21, global_batch_size=24).batch(0)
   rows = np.concatenate([loader.batch(s)["input_ids"] for s in range(3)])[:21]
   np.testing.assert_array_equal(whole["input_ids"][:21], rows)  # Whatever the batch size.
+
+
+@pytest.mark.parametrize("sentences", [1, 2, 31, 32, 33, 65, 1000])
+def test_sentence_search_through_the_sample_equals_a_full_binary_search(sentences):
+  rng = np.random.default_rng(sentences)
+  starts = np.concatenate([[0], np.cumsum(rng.integers(1, 20, sentences))])
+  shard = shards._Shard(0, np.zeros(0), starts, starts[::shards.SAMPLE_EVERY])
+  values = rng.integers(-2, starts[-1] + 3, 500)
+  for side in ("left", "right"):
+    np.testing.assert_array_equal(shard.rank(values, side), np.searchsorted(starts, values, side))
