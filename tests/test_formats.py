@@ -4,7 +4,6 @@ Most tests use synthetic prepared data whose tokens say where they come from (do
 position), written in several small shards so that reads cross shard boundaries.
 """
 
-import collections
 import math
 
 import numpy as np

@@ -3,7 +3,6 @@ broken files are UserErrors naming them; sentences are split in any script witho
 
 import gzip
 import json
-import os
 import random
 
 import pytest

@@ -15,7 +15,6 @@ import shutil
 from collections.abc import Callable
 
 import ml_collections
-import numpy as np
 from absl import logging
 
 from jaxlm.data import prepare as prepare_lib, shards, tokenizer as tokenizer_lib
