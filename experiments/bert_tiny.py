@@ -10,23 +10,8 @@ vocabularies a model this small sits on the unigram plateau for hundreds of step
 BUILD_NOTES.md); `bert_mini.py` and `bert_base.py` follow the original recipe.
 """
 
-from configs import base, models, optimizers
+from configs import recipes
 
 
 def get_config():
-  config = base.get_config()
-  config.model = models.bert("tiny", vocab_size=128)
-  config.model.max_position = 128
-  config.model.pre_layer_norm = True
-  config.model.dropout_rate = 0.0
-  config.model.attention_dropout_rate = 0.0
-  config.data.seq_len = 64
-  config.data.batch_size = 128
-  config.objectives.mlm.max_predictions_per_seq = 10
-  config.optimizer = optimizers.adamw_fast(learning_rate=3e-3, warmup_steps=20)
-  config.train.steps = 300
-  config.train.log_every = 10
-  config.train.eval_every = 100
-  config.data.eval_examples = 512
-  config.train.checkpoint_every = 100
-  return config
+  return recipes.tiny_fast()

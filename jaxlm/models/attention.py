@@ -81,3 +81,10 @@ class MultiHeadAttention(nn.Module):
 def padding_mask(input_ids_BL: jax.Array, pad_id: int = 0) -> jax.Array:
   """`[B, 1, 1, L]`: every query may attend to every non-padding key."""
   return (input_ids_BL != pad_id)[:, None, None, :]
+
+
+def causal_mask(input_ids_BL: jax.Array, pad_id: int = 0) -> jax.Array:
+  """`[B, 1, L, L]`: position i attends to the non-padding keys j <= i (a causal LM)."""
+  length = input_ids_BL.shape[1]
+  earlier_LL = jnp.arange(length)[None, :] <= jnp.arange(length)[:, None]
+  return padding_mask(input_ids_BL, pad_id) & earlier_LL[None, None]

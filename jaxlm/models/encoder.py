@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from jaxlm.models import init
 from jaxlm.parallel import axes
-from jaxlm.models.attention import padding_mask
+from jaxlm.models.attention import causal_mask, padding_mask
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.embeddings import Embeddings
 from jaxlm.models.layers import TransformerLayer
@@ -75,11 +75,12 @@ class Encoder(nn.Module):
       *,
       deterministic: bool,
       mask_BHQK: jax.Array | None = None,
+      causal: bool = False,
   ) -> EncoderOutput:
-    """`mask_BHQK` defaults to the padding mask; objectives may pass their own (causal, ...)."""
+    """`mask_BHQK` defaults to the padding mask (`causal`: and no key after the query)."""
     c = self.config
     if mask_BHQK is None:
-      mask_BHQK = padding_mask(input_ids_BL)
+      mask_BHQK = causal_mask(input_ids_BL) if causal else padding_mask(input_ids_BL)
     h_BLD, table_VD = Embeddings(c, name="embeddings")(
         input_ids_BL, token_type_ids_BL, deterministic
     )

@@ -38,6 +38,30 @@ class MlmHead(nn.Module):
     return nn.with_logical_constraint(logits_BPV, (axes.BATCH, axes.PREDICTIONS, axes.VOCAB))
 
 
+class LmHead(nn.Module):
+  """A language-model head at every position (CLM): BERT's MLM transform, then the tied table.
+
+  dense -> GELU -> LayerNorm -> projection tied to the token embedding + a per-token bias, as
+  `MlmHead` but over the whole sequence: `[B, L, V]` float32 logits.
+  """
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(
+      self, encoded: EncoderOutput, batch: Mapping[str, jax.Array], deterministic: bool
+  ) -> jax.Array:
+    c = self.config
+    h_BLD = init.dense(c, c.hidden_size, (axes.EMBED, axes.EMBED_OUT), "transform")(
+        encoded.sequence_BLD)
+    h_BLD = init.layer_norm(c, "layer_norm")(nn.gelu(h_BLD, approximate=False))
+    table_VD = encoded.token_table_VD.astype(c.dtype)
+    logits_BLV = jnp.einsum("bld,vd->blv", h_BLD, table_VD, preferred_element_type=jnp.float32)
+    bias_V = self.param("bias", init.zeros((axes.VOCAB,)), (c.vocab_size,), c.param_dtype)
+    logits_BLV = logits_BLV + bias_V.astype(jnp.float32)
+    return nn.with_logical_constraint(logits_BLV, (axes.BATCH, axes.LENGTH, axes.VOCAB))
+
+
 class NspHead(nn.Module):
   """Next sentence prediction: two logits (0 = B follows A, 1 = B is random) from the pooler."""
 

@@ -19,6 +19,7 @@ class Pretrainer(nn.Module):
 
   config: ModelConfig
   heads: tuple[tuple[str, type[nn.Module]], ...]
+  causal: bool = False  # The encoder's view: causal attention (CLM) or bidirectional.
 
   @nn.compact
   def __call__(
@@ -29,6 +30,7 @@ class Pretrainer(nn.Module):
         batch["token_type_ids"],
         deterministic=deterministic,
         mask_BHQK=batch.get("attention_mask"),
+        causal=self.causal,
     )
     return {
         name: head(self.config, name=name)(encoded, batch, deterministic)

@@ -45,6 +45,9 @@ class Objective(abc.ABC):
   # The example formats (`data.format`) it can train on; None = any. Objectives limited to
   # `pairs` are evaluated on the fixed eval pairs, the others on the fixed eval windows.
   formats: ClassVar[tuple[str, ...] | None] = None
+  # The encoder's view it needs: causal attention (CLM) or bidirectional (MLM, NSP). Objectives
+  # of different views need one encoder pass each, which is not built yet: a run refuses them.
+  causal: ClassVar[bool] = False
 
   def __init__(self, options: ml_collections.ConfigDict, data: DataSpec,
                eval_options: ml_collections.ConfigDict | None = None):
