@@ -116,3 +116,4 @@ def test_gpt_tiny_trains_and_reports_clm(repo_root, tmp_path):
   assert rows[-1]["clm_loss"] < rows[0]["clm_loss"] - 0.5, [r["clm_loss"] for r in rows]
   assert "mlm_loss" not in rows[-1] and 0 < last["eval/clm_accuracy"] < 1
   assert last["eval/loss"] == pytest.approx(last["eval/clm_loss"])
+  assert last["eval/clm_perplexity"] == pytest.approx(np.exp(last["eval/clm_loss"]))

@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -103,6 +104,8 @@ def test_metrics_rows(first):
   for row in evaluation:
     for key in EVAL_KEYS:
       assert isinstance(row[key], float), (row["step"], key)
+    assert row["eval/mlm_perplexity"] == pytest.approx(math.exp(row["eval/mlm_loss"]))
+    assert "eval/nsp_perplexity" not in row
     assert not set(TRAIN_KEYS) & set(row)
   assert train[0]["learning_rate"] == 0.0  # Step 0 of the warm-up.
   assert max(r["learning_rate"] for r in train) > 0

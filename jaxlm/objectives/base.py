@@ -48,6 +48,8 @@ class Objective(abc.ABC):
   # The encoder's view it needs: causal attention (CLM) or bidirectional (MLM, NSP). Objectives
   # of different views need one encoder pass each, which is not built yet: a run refuses them.
   causal: ClassVar[bool] = False
+  # Whether eval reports the perplexity exp(loss): for token predictions, not for classifiers.
+  perplexity: ClassVar[bool] = True
 
   def __init__(self, options: ml_collections.ConfigDict, data: DataSpec,
                eval_options: ml_collections.ConfigDict | None = None):

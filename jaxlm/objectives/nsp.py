@@ -21,6 +21,7 @@ class NextSentencePrediction(Objective):
   head = NspHead
   default_options = dict(weight=1.0, random_next_prob=0.5)
   formats = ("pairs",)
+  perplexity = False  # A two-way classifier: its loss is not a language model's.
 
   def __init__(self, options, data, eval_options=None):
     super().__init__(options, data, eval_options)

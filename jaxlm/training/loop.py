@@ -7,6 +7,7 @@ state restores the data stream too.
 
 import functools
 import json
+import math
 import os
 import shutil
 import sys
@@ -220,6 +221,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               sums[key] = sums.get(key, 0.0) + float(value)
       row = _ratios(sums, "eval/")
       row["eval/loss"] = sum(o.weight * row[f"eval/{o.name}_loss"] for o in objectives)
+      for o in objectives:
+        if o.perplexity:  # Of the token-weighted mean loss over the whole fixed set.
+          row[f"eval/{o.name}_perplexity"] = math.exp(min(row[f"eval/{o.name}_loss"], 700.0))
       return {"eval/loss": row.pop("eval/loss"), **row}
 
     stop = preemption.StopRequest(checkpointer.reached_preemption, process_count > 1)
