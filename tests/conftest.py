@@ -32,6 +32,17 @@ def corpus_documents():
   return list(text.iter_documents(setup.default_corpus_path(), counts=collections.Counter()))
 
 
+def experiment_config(name: str):
+  """`get_config()` of experiments/<name>.py, loaded by path as the CLI does."""
+  import importlib.util
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(name, os.path.join(root, "experiments", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def sentences_of(documents):
   return [s for d in documents for p in d for s in text.split_sentences(p)]
 

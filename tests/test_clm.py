@@ -1,6 +1,5 @@
 """Causal LM: the causal view by perturbation and by gradients, its targets, its limits."""
 
-import os
 
 import flax.linen as nn
 import jax
@@ -15,6 +14,7 @@ from jaxlm.models import ModelConfig, Pretrainer
 from jaxlm.models.heads import LmHead
 from jaxlm.objectives import DataSpec, build_objectives
 from jaxlm.training import inputs
+from conftest import experiment_config
 
 # Large initial weights, so that any dependence shows clearly above float noise.
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64,
@@ -78,13 +78,7 @@ def test_targets_are_the_next_tokens_and_padding_is_never_predicted():
 
 
 def test_causal_and_bidirectional_objectives_are_not_mixed(repo_root, prepared_corpus, tmp_path):
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location(
-      "gpt_tiny", os.path.join(repo_root, "experiments", "gpt_tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = experiment_config("gpt_tiny")
   config.data.train_files = prepared_corpus.directory
   config.model.vocab_size = 512
   config.objectives.mlm.weight = 1.0
@@ -99,16 +93,10 @@ def test_causal_and_bidirectional_objectives_are_not_mixed(repo_root, prepared_c
 
 
 def test_gpt_tiny_trains_and_reports_clm(repo_root, tmp_path):
-  import importlib.util
-
   from jaxlm.training import loop
   from jaxlm.training.metrics import read_metrics
 
-  spec = importlib.util.spec_from_file_location(
-      "gpt_tiny", os.path.join(repo_root, "experiments", "gpt_tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = experiment_config("gpt_tiny")
   config.train.steps, config.train.eval_every, config.data.eval_examples = 30, 30, 32
   config.data.batch_size = 32
   last = loop.train_and_evaluate(config, str(tmp_path / "gpt"))

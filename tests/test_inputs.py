@@ -1,6 +1,5 @@
 """What a run trains and evaluates on (`jaxlm.training.inputs`): the fixed eval set, formats."""
 
-import importlib.util
 import os
 
 import numpy as np
@@ -8,14 +7,11 @@ import pytest
 
 from jaxlm.errors import UserError
 from jaxlm.training import inputs
+from conftest import experiment_config
 
 
 def _config(repo_root, prepared, **changes):
-  spec = importlib.util.spec_from_file_location(
-      "bert_tiny", os.path.join(repo_root, "experiments", "bert_tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = experiment_config("bert_tiny")
   config.data.train_files = prepared.directory
   config.data.eval_examples = 100
   config.model.vocab_size = 512
