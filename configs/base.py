@@ -83,8 +83,8 @@ def get_config() -> ml_collections.ConfigDict:
               weight=1.0,
               random_next_prob=0.5,  # How often segment B comes from another document.
           ),
-          # Causal LM (next token at every position, causal attention); cannot share a run with
-          # the bidirectional objectives yet. Best on data.format=packed.
+          # Causal LM (next token at every position, causal attention; with MLM/NSP on too, a
+          # second encoder pass with the same weights). Best on data.format=packed.
           clm=dict(weight=0.0),
       )
   )

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from jaxlm.data.tokenizer import PAD_ID
-from jaxlm.errors import UserError
 from jaxlm.models import ModelConfig, Pretrainer
 from jaxlm.models.heads import LmHead
 from jaxlm.objectives import DataSpec, build_objectives
@@ -27,7 +26,7 @@ B, L = 2, 12
 def causal_model():
   ids = np.random.default_rng(0).integers(5, CONFIG.vocab_size, (B, L)).astype(np.int32)
   batch = {"input_ids": ids, "token_type_ids": np.zeros_like(ids)}
-  model = Pretrainer(CONFIG, heads=(("clm", LmHead),), causal=True)
+  model = Pretrainer(CONFIG, heads=(("clm", LmHead),), causal_heads=("clm",))
   params = nn.meta.unbox(model.init({"params": jax.random.key(0)}, batch, deterministic=True))
   return model, params, batch
 
@@ -77,19 +76,58 @@ def test_targets_are_the_next_tokens_and_padding_is_never_predicted():
   np.testing.assert_array_equal(out["input_ids"], ids)  # The input is left as it was.
 
 
-def test_causal_and_bidirectional_objectives_are_not_mixed(repo_root, prepared_corpus, tmp_path):
+def test_gpt_tiny_batches_hold_text_everywhere(prepared_corpus, tmp_path):
   config = experiment_config("gpt_tiny")
   config.data.train_files = prepared_corpus.directory
   config.model.vocab_size = 512
-  config.objectives.mlm.weight = 1.0
-  with pytest.raises(UserError, match="clm need causal attention and mlm bidirectional"):
-    inputs.build_inputs(config, str(tmp_path), config.model.vocab_size)
-  config.objectives.mlm.weight = 0.0
   _, objectives, train, evals = inputs.build_inputs(config, str(tmp_path), config.model.vocab_size)
   assert [o.name for o in objectives] == ["clm"] and list(evals) == ["windows"]
   batch = train.batch(0)
   assert (batch["input_ids"] != PAD_ID).all()  # packed: every position holds text.
   assert batch["clm_weights"][:, :-1].all() and not batch["clm_weights"][:, -1].any()
+
+
+def test_mlm_and_clm_each_read_their_own_pass():
+  """MLM's pass reads the masked ids, CLM's causal pass the clean ones, with shared weights."""
+  from jaxlm.models.heads import MlmHead
+
+  rng = np.random.default_rng(1)
+  ids = rng.integers(5, CONFIG.vocab_size, (B, L)).astype(np.int32)
+  masked = ids.copy()
+  masked[:, 3] = 4  # [MASK]
+  batch = {"input_ids": ids, "mlm_input_ids": masked, "token_type_ids": np.zeros_like(ids),
+           "mlm_positions": np.full((B, 2), 3, np.int32)}
+  model = Pretrainer(CONFIG, heads=(("mlm", MlmHead), ("clm", LmHead)), causal_heads=("clm",),
+                     bidirectional_input="mlm_input_ids")
+  params = nn.meta.unbox(model.init({"params": jax.random.key(0)}, batch, deterministic=True))
+  assert set(params["params"]) == {"encoder", "mlm", "clm"}  # One encoder for both passes.
+  base = model.apply(params, batch, deterministic=True)
+
+  clean_changed = dict(batch, input_ids=ids.copy())
+  clean_changed["input_ids"][:, 3] = 5 + (ids[:, 3] - 5 + 1) % (CONFIG.vocab_size - 5)
+  out = model.apply(params, clean_changed, deterministic=True)
+  np.testing.assert_array_equal(out["mlm"], base["mlm"])  # MLM never sees the clean token ...
+  assert np.abs(out["clm"][:, 3:] - base["clm"][:, 3:]).max() > 1e-4  # ... CLM does.
+
+  masked_changed = dict(batch, mlm_input_ids=masked.copy())
+  masked_changed["mlm_input_ids"][:, 5] = 5 + (masked[:, 5] - 5 + 1) % (CONFIG.vocab_size - 5)
+  out = model.apply(params, masked_changed, deterministic=True)
+  np.testing.assert_array_equal(out["clm"], base["clm"])
+  assert np.abs(out["mlm"] - base["mlm"]).max() > 1e-4
+
+
+def test_bert_tiny_with_clm_added_logs_all_three_losses(tmp_path):
+  from jaxlm.training import loop
+
+  config = experiment_config("bert_tiny")
+  config.objectives.clm.weight = 1.0
+  config.train.steps, config.train.eval_every, config.data.eval_examples = 4, 4, 32
+  config.data.batch_size = 16
+  last = loop.train_and_evaluate(config, str(tmp_path / "three"))
+  for name in ("mlm", "nsp", "clm"):
+    assert np.isfinite(last[f"{name}_loss"]) and np.isfinite(last[f"eval/{name}_loss"])
+  assert last["loss"] == pytest.approx(last["mlm_loss"] + last["nsp_loss"] + last["clm_loss"],
+                                       rel=0.05)
 
 
 def test_gpt_tiny_trains_and_reports_clm(repo_root, tmp_path):

@@ -19,20 +19,27 @@ class Pretrainer(nn.Module):
 
   config: ModelConfig
   heads: tuple[tuple[str, type[nn.Module]], ...]
-  causal: bool = False  # The encoder's view: causal attention (CLM) or bidirectional.
+  # Which encoder pass feeds each head. The heads named in `causal_heads` read a causal pass over
+  # the uncorrupted `input_ids`; the others one bidirectional pass over `batch[bidirectional_input]`
+  # (the ids an objective corrupted, as MLM's masked ids), or `input_ids` when the batch has none
+  # (an eval set that objective does not corrupt). One pass per view, sharing every weight.
+  causal_heads: tuple[str, ...] = ()
+  bidirectional_input: str = "input_ids"
 
   @nn.compact
   def __call__(
       self, batch: Mapping[str, jax.Array], *, deterministic: bool
   ) -> dict[str, jax.Array]:
-    encoded = Encoder(self.config, name="encoder")(
-        batch["input_ids"],
-        batch["token_type_ids"],
-        deterministic=deterministic,
-        mask_BHQK=batch.get("attention_mask"),
-        causal=self.causal,
-    )
-    return {
-        name: head(self.config, name=name)(encoded, batch, deterministic)
-        for name, head in self.heads
-    }
+    encoder = Encoder(self.config, name="encoder")
+    passes = {}
+    outputs = {}
+    for name, head in self.heads:
+      causal = name in self.causal_heads
+      if causal not in passes:
+        ids = batch["input_ids"] if causal else batch.get(self.bidirectional_input,
+                                                          batch["input_ids"])
+        passes[causal] = encoder(ids, batch["token_type_ids"], deterministic=deterministic,
+                                 mask_BHQK=None if causal else batch.get("attention_mask"),
+                                 causal=causal)
+      outputs[name] = head(self.config, name=name)(passes[causal], batch, deterministic)
+    return outputs

@@ -45,9 +45,12 @@ class Objective(abc.ABC):
   # The example formats (`data.format`) it can train on; None = any. Objectives limited to
   # `pairs` are evaluated on the fixed eval pairs, the others on the fixed eval windows.
   formats: ClassVar[tuple[str, ...] | None] = None
-  # The encoder's view it needs: causal attention (CLM) or bidirectional (MLM, NSP). Objectives
-  # of different views need one encoder pass each, which is not built yet: a run refuses them.
+  # The encoder's view it needs: causal attention (CLM) or bidirectional (MLM, NSP). A run with
+  # both makes one encoder pass per view, sharing every weight.
   causal: ClassVar[bool] = False
+  # The batch key where its host transform writes the input ids it corrupted (MLM's masked ids),
+  # read by the bidirectional pass; other views keep reading the uncorrupted `input_ids`.
+  corrupted_input: ClassVar[str | None] = None
   # Whether eval reports the perplexity exp(loss): for token predictions, not for classifiers.
   perplexity: ClassVar[bool] = True
 

@@ -1,6 +1,7 @@
 """Causal language modelling (GPT): predict each next token, attending only to earlier ones.
 
-Config `objectives.clm`: `weight`. The encoder runs with a causal mask (`Objective.causal`), and
+Config `objectives.clm`: `weight`. Its head reads a causal encoder pass over the uncorrupted ids
+(`Objective.causal`; a second pass, same weights, when MLM or NSP is on too), and
 the loss is the cross-entropy of token t + 1 at every position t whose next token is text or an
 end-of-document `[SEP]` (padding is not predicted). Any data format works; `packed` is the
 GPT-style one (no padding, documents joined by `[SEP]`).

@@ -21,6 +21,7 @@ from jaxlm.objectives.base import Aux, Batch, Objective, mean_cross_entropy, reg
 class MaskedLm(Objective):
   name = "mlm"
   head = MlmHead
+  corrupted_input = "mlm_input_ids"
   default_options = dict(
       weight=1.0,
       mask_rate=0.15,
@@ -54,6 +55,7 @@ class MaskedLm(Objective):
   def _mask(self, batch: Batch, keys_B: np.ndarray, masking: MaskingOptions) -> Batch:
     masked = mask_tokens(batch["input_ids"], keys_B, masking, vocab_size=self.data.vocab_size,
                          word_start_V=self.data.word_start)
+    masked[self.corrupted_input] = masked.pop("input_ids")  # Others still see the clean ids.
     return {**batch, **masked}
 
   def flops_per_token(self, model) -> float:

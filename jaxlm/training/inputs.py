@@ -44,13 +44,10 @@ def build_inputs(
           f"Objective '{objective.name}' trains on data.format {' or '.join(objective.formats)}, "
           f"not '{d.format}'. Set --config.data.format={objective.formats[0]} or disable it "
           f"with --config.objectives.{objective.name}.weight=0.")
-  if len({o.causal for o in objectives}) > 1:
-    causal = ", ".join(o.name for o in objectives if o.causal)
-    other = ", ".join(o.name for o in objectives if not o.causal)
-    raise UserError(
-        f"Objectives {causal} need causal attention and {other} bidirectional attention: "
-        "combining them needs one encoder pass per view, which jaxlm does not do yet. Train "
-        "them in separate runs (set the others' weight to 0).")
+  corrupting = [o.name for o in objectives if o.corrupted_input and not o.causal]
+  if len(corrupting) > 1:
+    raise UserError(f"Objectives {' and '.join(corrupting)} both corrupt the input of the "
+                    "bidirectional pass; enable one of them.")
   example_options = {"random_next_prob": 0.0, "short_seq_prob": d.short_seq_prob}
   for objective in objectives:
     example_options.update(objective.example_options())
