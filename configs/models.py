@@ -36,5 +36,8 @@ def bert(size: str, vocab_size: int = 30522) -> ml_collections.ConfigDict:
           # input, recompute the rest), save_dots (keep matmul outputs, recompute the rest).
           remat_policy="none",
           scan_layers=False,  # nn.scan over layers: compile time flat in depth.
+          # absolute: BERT's learned position table; relative: Transformer-XL attention over
+          # sinusoidal query-key offsets (XLNet's), no position table.
+          position_encoding="absolute",
       )
   )

@@ -3,6 +3,10 @@
 Queries and keys/values are separate inputs and the mask is any `[batch, 1 or heads, q, k]`
 boolean array, so the same module serves bidirectional encoders (padding mask), causal LMs
 (triangular mask) and XLNet's two-stream attention (query stream over the content stream).
+
+With `position_encoding="relative"` (Transformer-XL, as in XLNet) a score adds, to the content
+term `(q + u) . k`, a position term `(q + v) . W_r r(i - j)` of sinusoidal encodings `r` of the
+query-key offset, with learned per-head biases `u` (`content_bias`) and `v` (`position_bias`).
 """
 
 import flax.linen as nn
@@ -25,16 +29,18 @@ class Projection(nn.Module):
   equation: str
   kernel_shape: tuple[int, ...]
   kernel_axes: tuple[str, ...]
-  bias_axes: tuple[str, ...]
+  bias_axes: tuple[str, ...] | None  # None: no bias (Transformer-XL's position projection).
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
     kernel = self.param("kernel", init.weights(c, self.kernel_axes), self.kernel_shape,
                         c.param_dtype)
+    y = jnp.einsum(self.equation, x.astype(c.dtype), kernel.astype(c.dtype))
+    if self.bias_axes is None:
+      return y
     bias_shape = self.kernel_shape[-len(self.bias_axes):]
     bias = self.param("bias", init.zeros(self.bias_axes), bias_shape, c.param_dtype)
-    y = jnp.einsum(self.equation, x.astype(c.dtype), kernel.astype(c.dtype))
     return y + bias.astype(c.dtype)
 
 
@@ -43,8 +49,19 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(
-      self, q_BQD: jax.Array, kv_BKD: jax.Array, mask_BHQK: jax.Array, deterministic: bool
+      self,
+      q_BQD: jax.Array,
+      kv_BKD: jax.Array,
+      mask_BHQK: jax.Array,
+      deterministic: bool,
+      positions: tuple[jax.Array, jax.Array] | None = None,
   ) -> jax.Array:
+    """`positions`: `(q_positions_BQ, k_positions_BK)`, the original positions of the queries
+    and keys, read by relative attention only; None means 0..Q-1 and 0..K-1 (then Q == K).
+
+    A query whose mask row allows no key gets a zero attention output (then only the output
+    bias), not the uniform average over every key that a plain masked softmax would give.
+    """
     c = self.config
 
     def project(name):
@@ -61,10 +78,17 @@ class MultiHeadAttention(nn.Module):
     k_BKHK = project("key")(kv_BKD)
     v_BKHK = project("value")(kv_BKD)
     # Scores and softmax in float32 whatever the compute dtype: bf16 softmax loses mass.
-    scores_BHQK = jnp.einsum("bqhd,bkhd->bhqk", q_BQHK, k_BKHK,
-                             preferred_element_type=jnp.float32)
+    if c.position_encoding == "relative":
+      scores_BHQK = self._relative_scores(q_BQHK, k_BKHK, positions)
+    else:
+      scores_BHQK = jnp.einsum("bqhd,bkhd->bhqk", q_BQHK, k_BKHK,
+                               preferred_element_type=jnp.float32)
     scores_BHQK = jnp.where(mask_BHQK, scores_BHQK, jnp.finfo(jnp.float32).min)
-    probs_BHQK = jax.nn.softmax(scores_BHQK, axis=-1).astype(c.dtype)
+    probs_BHQK = jax.nn.softmax(scores_BHQK, axis=-1)
+    # A row with no visible key (XLNet's first target when every other token is a target, a row
+    # of padding) attends to nothing rather than to everything.
+    probs_BHQK = jnp.where(jnp.any(mask_BHQK, axis=-1, keepdims=True), probs_BHQK, 0.0)
+    probs_BHQK = probs_BHQK.astype(c.dtype)
     probs_BHQK = nn.Dropout(c.attention_dropout_rate)(probs_BHQK, deterministic=deterministic)
     out_BQHK = jnp.einsum("bhqk,bkhd->bqhd", probs_BHQK, v_BKHK)
     out_BQHK = nn.with_logical_constraint(out_BQHK, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.KV))
@@ -77,10 +101,80 @@ class MultiHeadAttention(nn.Module):
         name="out",
     )(out_BQHK)
 
+  def _relative_scores(self, q_BQHK, k_BKHK, positions) -> jax.Array:
+    """Transformer-XL's `(q + u) . k + (q + v) . W_r r(i - j)`, float32 `[B, H, Q, K]`.
+
+    The position term is computed once per query against all 2K offsets, then each key picks
+    its offset: by the relative shift (a reshape) when positions are 0..K-1, by a gather when
+    they are given (a permuted sequence, the query stream's targets).
+    """
+    c = self.config
+    head_axes = (axes.HEADS, axes.KV)
+    content_bias_HK = self.param("content_bias", init.zeros(head_axes),
+                                 (c.num_heads, c.head_dim), c.param_dtype)
+    position_bias_HK = self.param("position_bias", init.zeros(head_axes),
+                                  (c.num_heads, c.head_dim), c.param_dtype)
+    scale = 1.0 / jnp.sqrt(c.head_dim).astype(c.dtype)  # q arrives scaled; so do its biases.
+    length = k_BKHK.shape[1]
+    r_RHK = Projection(c, "rd,dhk->rhk", (c.hidden_size, c.num_heads, c.head_dim),
+                       (axes.EMBED, axes.HEADS, axes.KV), None, name="position")(
+                           sinusoidal_offsets(length, c.hidden_size))
+    content_BHQK = jnp.einsum("bqhd,bkhd->bhqk", q_BQHK + scale * content_bias_HK.astype(c.dtype),
+                              k_BKHK, preferred_element_type=jnp.float32)
+    position_BHQR = jnp.einsum("bqhd,rhd->bhqr", q_BQHK + scale * position_bias_HK.astype(c.dtype),
+                               r_RHK, preferred_element_type=jnp.float32)
+    if positions is None:
+      return content_BHQK + relative_shift(position_BHQR)
+    q_positions_BQ, k_positions_BK = positions
+    # Row r of the table holds offset K - r.
+    index_BQK = length - (q_positions_BQ[:, :, None] - k_positions_BK[:, None, :])
+    index_BHQK = jnp.broadcast_to(index_BQK[:, None], content_BHQK.shape)
+    return content_BHQK + jnp.take_along_axis(position_BHQR, index_BHQK, axis=-1)
+
+
+def sinusoidal_offsets(length: int, width: int) -> jax.Array:
+  """`[2 * length, width]` sinusoidal encodings of the offsets length, length - 1, ..., 1 - length
+  (Transformer-XL's, sin half then cos half); a constant XLA folds away."""
+  offsets_R = jnp.arange(length, -length, -1, dtype=jnp.float32)
+  inverse_frequencies = 1.0 / (10000.0 ** (jnp.arange(0, width, 2, dtype=jnp.float32) / width))
+  angles_RF = offsets_R[:, None] * inverse_frequencies[None, :]
+  return jnp.concatenate([jnp.sin(angles_RF), jnp.cos(angles_RF)], axis=-1)
+
+
+def relative_shift(x_BHQR: jax.Array) -> jax.Array:
+  """`out[..., i, j] = x[..., i, K - i + j]` for `R = 2K` offsets and `Q == K` queries: each
+  query's scores against the offsets, re-indexed by key, with one reshape and no gather.
+
+  Flattened, element (i, K - i + j) sits at i * (2K - 1) + K + j: dropping the first K elements
+  and reading rows of 2K - 1 lines every query up at its key 0.
+  """
+  *lead, queries, offsets = x_BHQR.shape
+  length = offsets // 2
+  if queries != length:
+    raise ValueError(f"relative_shift needs as many queries as keys: {queries} vs {length}")
+  flat = x_BHQR.reshape(*lead, queries * offsets)[..., length:]
+  return flat.reshape(*lead, queries, offsets - 1)[..., :length]
+
 
 def padding_mask(input_ids_BL: jax.Array, pad_id: int = 0) -> jax.Array:
   """`[B, 1, 1, L]`: every query may attend to every non-padding key."""
   return (input_ids_BL != pad_id)[:, None, None, :]
+
+
+def two_stream_masks(length: int, num_targets: int) -> tuple[jax.Array, jax.Array]:
+  """XLNet's visibility for a physically permuted sequence (MPNet's layout): the `L - P`
+  non-targets first, then the `P` targets in factorisation order.
+
+  Content stream `[1, 1, L, L]`: a non-target sees the non-targets; a target sees them, the
+  targets before it and itself. Query stream `[1, 1, P, L]`: target t sees the non-targets and
+  the targets before it, never itself. Both depend only on `(L, P)`, the same for every example,
+  so they are constants of the compiled step (padding is a separate `[B, 1, 1, L]` mask).
+  """
+  first_target = length - num_targets
+  key_L = jnp.arange(length)
+  content_LL = key_L[None, :] < jnp.maximum(first_target, key_L[:, None] + 1)
+  query_PL = key_L[None, :] < (first_target + jnp.arange(num_targets))[:, None]
+  return content_LL[None, None], query_PL[None, None]
 
 
 def causal_mask(input_ids_BL: jax.Array, pad_id: int = 0) -> jax.Array:

@@ -9,6 +9,7 @@ import ml_collections
 from jaxlm.errors import UserError
 
 REMAT_POLICIES = ("none", "full", "save_dots")
+POSITION_ENCODINGS = ("absolute", "relative")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -32,6 +33,9 @@ class ModelConfig:
   param_dtype: Any = jnp.float32
   remat_policy: str = "none"  # none | full | save_dots: what a layer keeps for the backward pass.
   scan_layers: bool = False  # One nn.scan over layers: compile time flat in depth.
+  # absolute: a learned position table added to the embeddings (BERT); relative: Transformer-XL
+  # attention over sinusoidal query-key offsets (XLNet), no position table.
+  position_encoding: str = "absolute"
 
   @property
   def head_dim(self) -> int:
@@ -45,6 +49,9 @@ class ModelConfig:
       raise UserError(
           f"model.remat_policy is '{values['remat_policy']}'; use one of {REMAT_POLICIES}."
       )
+    if values["position_encoding"] not in POSITION_ENCODINGS:
+      raise UserError(f"model.position_encoding is '{values['position_encoding']}'; use one of "
+                      f"{POSITION_ENCODINGS}.")
     for key in ("dtype", "param_dtype"):
       if values[key] not in _DTYPES:
         raise UserError(f"model.{key} is '{values[key]}'; use one of {tuple(_DTYPES)}.")

@@ -57,6 +57,22 @@ class LmHead(nn.Module):
     return nn.with_logical_constraint(logits_BLV, (axes.BATCH, axes.LENGTH, axes.VOCAB))
 
 
+class PlmHead(nn.Module):
+  """XLNet's permuted-LM head: `MlmHead`'s transform over the query stream (one row per target),
+  `[B, P, V]` float32 logits."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(
+      self, encoded: EncoderOutput, batch: Mapping[str, jax.Array], deterministic: bool
+  ) -> jax.Array:
+    if encoded.query_BPD is None:
+      raise ValueError("PlmHead reads the query stream: run the encoder with `query=`.")
+    logits_BPV = _tied_logits(self, self.config, encoded.query_BPD, encoded.token_table_VD)
+    return nn.with_logical_constraint(logits_BPV, (axes.BATCH, axes.PREDICTIONS, axes.VOCAB))
+
+
 class NspHead(nn.Module):
   """Next sentence prediction: two logits (0 = B follows A, 1 = B is random) from the pooler."""
 

@@ -22,23 +22,40 @@ class Mlp(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-  """Post-LN as in BERT (`x = LN(x + f(x))`), or pre-LN (`x = x + f(LN(x))`) when asked."""
+  """Post-LN as in BERT (`x = LN(x + f(x))`), or pre-LN (`x = x + f(LN(x))`) when asked.
+
+  Self-attention by default; given a `context`, the queries `x` attend over it instead. That is
+  XLNet's query stream: the same layer (every weight shared) run on the query vectors `g` with
+  the content stream `h` as keys and values.
+  """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BLD: jax.Array, mask_BHQK: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(
+      self,
+      x_BLD: jax.Array,
+      mask_BHQK: jax.Array,
+      deterministic: bool,
+      context_BKD: jax.Array | None = None,
+      positions: tuple[jax.Array, jax.Array] | None = None,
+  ) -> jax.Array:
+    """`positions`: the query and key positions for relative attention (see attention.py)."""
     c = self.config
     attention = MultiHeadAttention(c, name="attention")
     mlp = Mlp(c, name="mlp")
     drop = nn.Dropout(c.dropout_rate)
     if c.pre_layer_norm:
-      h = init.layer_norm(c, "attention_norm")(x_BLD)
-      x_BLD = x_BLD + drop(attention(h, h, mask_BHQK, deterministic), deterministic=deterministic)
+      attention_norm = init.layer_norm(c, "attention_norm")
+      h = attention_norm(x_BLD)
+      kv = h if context_BKD is None else attention_norm(context_BKD)
+      x_BLD = x_BLD + drop(attention(h, kv, mask_BHQK, deterministic, positions),
+                           deterministic=deterministic)
       h = init.layer_norm(c, "mlp_norm")(x_BLD)
       x_BLD = x_BLD + drop(mlp(h), deterministic=deterministic)
     else:
-      h = attention(x_BLD, x_BLD, mask_BHQK, deterministic)
+      kv = x_BLD if context_BKD is None else context_BKD
+      h = attention(x_BLD, kv, mask_BHQK, deterministic, positions)
       x_BLD = init.layer_norm(c, "attention_norm")(x_BLD + drop(h, deterministic=deterministic))
       x_BLD = init.layer_norm(c, "mlp_norm")(x_BLD + drop(mlp(x_BLD), deterministic=deterministic))
     return nn.with_logical_constraint(x_BLD, (axes.BATCH, axes.LENGTH, axes.EMBED))

@@ -1,4 +1,4 @@
 """Pretraining objectives as plug-ins: each file registers one `Objective` by name."""
 
 from jaxlm.objectives.base import DataSpec, Objective, build_objectives
-from jaxlm.objectives import clm, mlm, nsp  # noqa: F401  (registers them)
+from jaxlm.objectives import clm, mlm, nsp, plm  # noqa: F401  (registers them)

@@ -45,9 +45,10 @@ class Objective(abc.ABC):
   # The example formats (`data.format`) it can train on; None = any. Objectives limited to
   # `pairs` are evaluated on the fixed eval pairs, the others on the fixed eval windows.
   formats: ClassVar[tuple[str, ...] | None] = None
-  # The encoder's view it needs: causal attention (CLM) or bidirectional (MLM, NSP). A run with
-  # both makes one encoder pass per view, sharing every weight.
-  causal: ClassVar[bool] = False
+  # The encoder's view it needs (`models.pretrainer.VIEWS`): bidirectional (MLM, NSP), causal
+  # (CLM) or permuted (PLM's two streams). A run makes one encoder pass per view, sharing every
+  # weight.
+  view: ClassVar[str] = "bidirectional"
   # The batch key where its host transform writes the input ids it corrupted (MLM's masked ids),
   # read by the bidirectional pass; other views keep reading the uncorrupted `input_ids`.
   corrupted_input: ClassVar[str | None] = None
@@ -78,7 +79,8 @@ class Objective(abc.ABC):
     return self.host_transform(batch, keys_B)
 
   def flops_per_token(self, model: Any) -> float:
-    """Training FLOPs per input token of this objective's head (for MFU)."""
+    """Training FLOPs per input token of this objective's head and of any work its view adds
+    to an encoder pass (PLM's query stream), for MFU."""
     return 0.0
 
   @abc.abstractmethod

@@ -1,7 +1,7 @@
 """Causal language modelling (GPT): predict each next token, attending only to earlier ones.
 
 Config `objectives.clm`: `weight`. Its head reads a causal encoder pass over the uncorrupted ids
-(`Objective.causal`; a second pass, same weights, when MLM or NSP is on too), and
+(`Objective.view`; a second pass, same weights, when MLM or NSP is on too), and
 the loss is the cross-entropy of token t + 1 at every position t whose next token is text or an
 end-of-document `[SEP]` (padding is not predicted). Any data format works; `packed` is the
 GPT-style one (no padding, documents joined by `[SEP]`).
@@ -22,7 +22,7 @@ class CausalLm(Objective):
   name = "clm"
   head = LmHead
   default_options = dict(weight=1.0)
-  causal = True
+  view = "causal"
 
   def host_transform(self, batch: Batch, keys_B: np.ndarray) -> Batch:
     """Targets shifted by one: position t predicts token t + 1 (the last position nothing)."""

@@ -39,7 +39,11 @@ def encoder_flops_per_token(config: ModelConfig, seq_len: int) -> float:
   """Training FLOPs (forward + backward = 3 x forward) per input token of the encoder.
 
   6 x matmul parameters of the layers, plus attention scores and values (12 x layers x hidden
-  x seq). Heads add their own (`Objective.flops_per_token`).
+  x seq). Relative attention adds, per layer, the projection of 2 x seq offset encodings and
+  each query's scores against them. Heads add their own (`Objective.flops_per_token`).
   """
   d, f, n = config.hidden_size, config.mlp_dim, config.num_layers
-  return float(6 * n * (4 * d * d + 2 * d * f) + 12 * n * d * seq_len)
+  flops = 6 * n * (4 * d * d + 2 * d * f) + 12 * n * d * seq_len
+  if config.position_encoding == "relative":
+    flops += 6 * n * (2 * d * d + 2 * d * seq_len)
+  return float(flops)

@@ -44,7 +44,7 @@ def build_inputs(
           f"Objective '{objective.name}' trains on data.format {' or '.join(objective.formats)}, "
           f"not '{d.format}'. Set --config.data.format={objective.formats[0]} or disable it "
           f"with --config.objectives.{objective.name}.weight=0.")
-  corrupting = [o.name for o in objectives if o.corrupted_input and not o.causal]
+  corrupting = [o.name for o in objectives if o.corrupted_input and o.view == "bidirectional"]
   if len(corrupting) > 1:
     raise UserError(f"Objectives {' and '.join(corrupting)} both corrupt the input of the "
                     "bidirectional pass; enable one of them.")

@@ -141,9 +141,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   model = Pretrainer(
       model_config, heads=tuple((o.name, o.head) for o in objectives if o.head),
-      causal_heads=tuple(o.name for o in objectives if o.causal),
+      views=tuple((o.name, o.view) for o in objectives),
       bidirectional_input=next((o.corrupted_input for o in objectives
-                                if o.corrupted_input and not o.causal), "input_ids"))
+                                if o.corrupted_input and o.view == "bidirectional"), "input_ids"))
   tx, schedule = optimizer.make_optimizer(config.optimizer, t.steps)
   first = train_loader.batch(0)
   global_shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * process_count,) + v.shape[1:], v.dtype)
@@ -205,7 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("Train step compiled in %.1f s", time.perf_counter() - compile_start)
 
     tokens_per_step = d.batch_size * d.seq_len
-    passes = len({o.causal for o in objectives})  # One encoder pass per attention view.
+    passes = len({o.view for o in objectives if o.head})  # One encoder pass per view.
     flops_per_token = passes * flops.encoder_flops_per_token(model_config, d.seq_len) + sum(
         o.flops_per_token(model_config) for o in objectives)
     peak = flops.peak_flops_per_device(t.peak_tflops_per_device) * jax.device_count()

@@ -7,8 +7,12 @@ import optax
 from jaxlm.config import DECAYS
 from jaxlm.errors import UserError
 
-# Parameters whose name is one of these get weight decay; LayerNorm scales and biases do not.
-_DECAYED_NAMES = ("kernel", "embedding")
+# Every parameter name is placed here on purpose: a new one outside both sets is an error, not a
+# silent default. Weight matrices and embedding tables decay (BERT, XLNet). LayerNorm scales,
+# biases, relative attention's per-head biases (Transformer-XL's u and v) and the query stream's
+# single start vector do not: they are offsets, not weights, and decay would only pull them to 0.
+_DECAYED_NAMES = frozenset({"kernel", "embedding"})
+_UNDECAYED_NAMES = frozenset({"bias", "scale", "content_bias", "position_bias", "query_start"})
 
 
 def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -31,7 +35,8 @@ def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.
 
 
 def decay_mask(params):
-  """True for weight matrices and embeddings, False for LayerNorm parameters and biases.
+  """True for weight matrices and embeddings, False for LayerNorm parameters and biases (see
+  `_DECAYED_NAMES`); a parameter of another name is an error.
 
   Works on plain and on `nn.Partitioned`-boxed trees: the decision is made on the last
   dictionary key of each leaf's path (the parameter's name).
@@ -39,7 +44,12 @@ def decay_mask(params):
 
   def decayed(path, _):
     names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-    return bool(names) and names[-1] in _DECAYED_NAMES
+    if names and names[-1] in _DECAYED_NAMES:
+      return True
+    if names and names[-1] in _UNDECAYED_NAMES:
+      return False
+    raise ValueError(f"Parameter {'/'.join(map(str, names))} is in neither the decayed nor the "
+                     "undecayed names of jaxlm/training/optimizer.py: place it in one.")
 
   return jax.tree_util.tree_map_with_path(decayed, params)
 
