@@ -86,6 +86,15 @@ def get_config() -> ml_collections.ConfigDict:
           # Causal LM (next token at every position, causal attention; with MLM/NSP on too, a
           # second encoder pass with the same weights). Best on data.format=packed.
           clm=dict(weight=0.0),
+          # Permuted LM (XLNet): two-stream attention over a random factorisation order, its own
+          # encoder pass over the clean ids (a second pass beside MLM/NSP, same weights).
+          plm=dict(
+              weight=0.0,
+              partial_prediction=6,  # K: predict 1/K of the tokens, the last of the order.
+              perm_size=0,  # Local permutation: one order per block of this many; 0 = whole.
+              span_targets=False,  # Targets are spans of whole words (1..max_span_words).
+              max_span_words=5,
+          ),
       )
   )
 
@@ -99,6 +108,7 @@ def get_config() -> ml_collections.ConfigDict:
               random_token_prob=0.1,
               whole_word=False,
           ),
+          plm=dict(partial_prediction=6, perm_size=0, span_targets=False, max_span_words=5),
       )
   )
   return config

@@ -18,7 +18,7 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
     raise UserError(f"train.seed is {t.seed}; it must be >= 0.")
   if d.seq_len < 8:
     raise UserError(f"data.seq_len is {d.seq_len}; it must be at least 8.")
-  if d.seq_len > m.max_position:
+  if d.seq_len > m.max_position and m.position_encoding == "absolute":
     raise UserError(
         f"data.seq_len ({d.seq_len}) exceeds model.max_position ({m.max_position}): positions past "
         "the table have no embedding. Lower data.seq_len or raise model.max_position."

@@ -97,7 +97,8 @@ def test_mlm_and_clm_each_read_their_own_pass():
   masked[:, 3] = 4  # [MASK]
   batch = {"input_ids": ids, "mlm_input_ids": masked, "token_type_ids": np.zeros_like(ids),
            "mlm_positions": np.full((B, 2), 3, np.int32)}
-  model = Pretrainer(CONFIG, heads=(("mlm", MlmHead), ("clm", LmHead)), views=(("clm", "causal"),),
+  model = Pretrainer(CONFIG, heads=(("mlm", MlmHead), ("clm", LmHead)),
+                     views=(("clm", "causal"),),
                      bidirectional_input="mlm_input_ids")
   params = nn.meta.unbox(model.init({"params": jax.random.key(0)}, batch, deterministic=True))
   assert set(params["params"]) == {"encoder", "mlm", "clm"}  # One encoder for both passes.

@@ -1,6 +1,6 @@
-"""The numbers do not depend on the mesh: the same losses, with dropout on, on one device, on
-data / fsdp / tensor meshes of 8 devices, on two processes of 4 devices, and after resuming a
-checkpoint onto another mesh.
+"""The numbers do not depend on the mesh: the same losses (MLM, NSP and PLM), with dropout on, on
+one device, on data / fsdp / tensor meshes of 8 devices, on two processes of 4 devices, and after
+resuming a checkpoint onto another mesh.
 
 The one-device and two-process runs are `python -m jaxlm.train` subprocesses (a process's device
 count is fixed when JAX starts); the 8-device meshes run in this process (tests/conftest.py asks
@@ -24,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlm.data.permutation import num_target_slots
 from jaxlm.models import MlmHead, ModelConfig, NspHead, Pretrainer
+from jaxlm.models.heads import PlmHead
 from jaxlm.parallel import mesh as mesh_lib, rules as rules_lib
 from jaxlm.training import checkpoints, loop, optimizer, state as state_lib
 from jaxlm.training.metrics import read_metrics
@@ -32,7 +34,7 @@ from jaxlm.training.metrics import read_metrics
 STEPS = 6
 RTOL = 2e-4  # Relative; float32 sums in another order differ by about 1e-7.
 TIMEOUT_S = 240  # For each group of processes started together.
-COMPARED = ("loss", "mlm_loss", "nsp_loss", "grad_norm")
+COMPARED = ("loss", "mlm_loss", "nsp_loss", "plm_loss", "grad_norm")
 DEVICES_FLAG = "--xla_force_host_platform_device_count"
 # Small settings, and dropout on (bert_tiny turns it off): its masks must not depend on the mesh.
 OVERRIDES = {
@@ -44,6 +46,9 @@ OVERRIDES = {
     "data.batch_size": 32,
     "model.dropout_rate": 0.1,
     "model.attention_dropout_rate": 0.1,
+    # MLM + NSP + PLM: the permuted view's gathers and constant masks must not depend on the
+    # mesh either.
+    "objectives.plm.weight": 1.0,
 }
 # The runs are shorter than bert_tiny's warm-up (20 steps), so the learning rate of a step does
 # not depend on train.steps: a 4-step run is the start of a 6-step one.
@@ -58,8 +63,11 @@ def _tiny_config(repo_root, **overrides):
   config = module.get_config()
   overrides = {k.replace("__", "."): v for k, v in overrides.items()}
   for key, value in {**OVERRIDES, **overrides}.items():
-    section, name = key.split(".")
-    config[section][name] = value
+    *sections, name = key.split(".")
+    node = config
+    for section in sections:
+      node = node[section]
+    node[name] = value
   return config
 
 
@@ -258,13 +266,17 @@ def _restore(repo_root, directory, devices, mesh):
   mesh = mesh_lib.make_mesh(_mesh_config(config, *mesh), devices=devices)
   rules = rules_lib.rules_from_config(config.mesh)
   model = Pretrainer(ModelConfig.from_config(config.model),
-                     heads=(("mlm", MlmHead), ("nsp", NspHead)))
+                     heads=(("mlm", MlmHead), ("nsp", NspHead), ("plm", PlmHead)),
+                     views=(("plm", "permuted"),))
   tx, _ = optimizer.make_optimizer(config.optimizer, STEPS)
   seq_len, predictions = config.data.seq_len, config.objectives.mlm.max_predictions_per_seq
+  targets = num_target_slots(seq_len, config.objectives.plm.partial_prediction)
   batch = {
       "input_ids": jax.ShapeDtypeStruct((1, seq_len), jnp.int32),
       "token_type_ids": jax.ShapeDtypeStruct((1, seq_len), jnp.int32),
       "mlm_positions": jax.ShapeDtypeStruct((1, predictions), jnp.int32),
+      "plm_perm": jax.ShapeDtypeStruct((1, seq_len), jnp.int32),
+      "plm_target_weights": jax.ShapeDtypeStruct((1, targets), jnp.float32),
   }
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract, _ = state_lib.abstract_state(model, tx, batch, mesh, rules)

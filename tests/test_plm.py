@@ -204,3 +204,137 @@ def test_query_stream_never_reads_its_own_token_even_alone():
   np.testing.assert_array_equal(other[0, 1], out[0, 1])
   grads = jax.grad(lambda kv: attention.apply(params, q, kv, mask, True).sum())(kv)
   assert np.isfinite(np.asarray(grads)).all()
+
+
+# ---- The objective on real data, its composition with others, and its parameters. ----
+
+def _plm_objective(tokenizer, seq_len=64, **options):
+  from jaxlm.objectives import DataSpec, build_objectives
+  import ml_collections
+
+  config = ml_collections.ConfigDict(dict(plm=dict(weight=1.0, partial_prediction=6, perm_size=0,
+                                                   span_targets=False, max_span_words=5)))
+  config.plm.update(options)
+  spec = DataSpec(vocab_size=tokenizer.vocab_size, seq_len=seq_len,
+                  word_start=tokenizer.word_start)
+  return build_objectives(config, spec)[0]
+
+
+def test_xlnet_tiny_batches_predict_a_sixth_of_the_text(prepared_corpus, tmp_path):
+  from jaxlm.data.tokenizer import NUM_SPECIAL
+  from jaxlm.training import inputs
+  from conftest import experiment_config
+
+  config = experiment_config("xlnet_tiny")
+  config.data.train_files = prepared_corpus.directory
+  config.model.vocab_size = 512
+  _, objectives, train, evals = inputs.build_inputs(config, str(tmp_path), 512)
+  assert [o.name for o in objectives] == ["plm"] and set(evals) == {"windows"}
+  batch = train.batch(0)
+  ids, perm, weights = batch["input_ids"], batch["plm_perm"], batch["plm_target_weights"]
+  length, slots = ids.shape[1], weights.shape[1]
+  assert slots == round(length / 6)
+  np.testing.assert_array_equal(np.sort(perm, axis=1), np.broadcast_to(np.arange(length),
+                                                                       perm.shape))
+  targets = np.take_along_axis(ids, perm[:, length - slots:], axis=1)
+  np.testing.assert_array_equal(batch["plm_target_ids"], targets)
+  assert (targets[weights > 0] >= NUM_SPECIAL).all()  # Never a special token or padding.
+  share = weights.sum() / (ids >= NUM_SPECIAL).sum()
+  assert abs(share - 1 / 6) < 0.01, share
+
+
+def test_span_targets_on_real_text_are_whole_words(tokenizer, corpus_documents):
+  from jaxlm.data import random as random_lib
+  from conftest import sentences_of
+
+  objective = _plm_objective(tokenizer, seq_len=64, span_targets=True)
+  sentences = sentences_of(corpus_documents)[:400]
+  ids = np.zeros((64, 64), np.int32)
+  row = 0
+  for sentence in sentences:  # Fill rows with consecutive sentences.
+    pieces = tokenizer.encode(sentence)[:64]
+    if row < 64:
+      ids[row, :len(pieces)] = pieces
+      row += 1
+  out = objective.host_transform({"input_ids": ids}, random_lib.row_keys(3, np.arange(64)))
+  slots = out["plm_target_weights"].shape[1]
+  starts = tokenizer.word_start[ids] | (ids < 5)
+  for b in range(64):
+    target = np.zeros(64, bool)
+    target[out["plm_perm"][b, 64 - slots:][out["plm_target_weights"][b] > 0]] = True
+    # A target piece that continues a word has a target before it; the piece after a target
+    # that continues its word is a target too.
+    continues = ~starts[b] & (ids[b] >= 5)
+    assert not (target[1:] & continues[1:] & ~target[:-1]).any(), b
+    assert not (target[:-1] & continues[1:] & ~target[1:]).any(), b
+
+
+def test_mlm_and_plm_each_read_their_own_pass():
+  """MLM's bidirectional pass reads the masked ids; PLM's permuted pass the clean ones."""
+  from jaxlm.models import Pretrainer
+  from jaxlm.models.heads import MlmHead, PlmHead
+
+  batch = _example()
+  masked = batch["input_ids"].copy()
+  masked[:, 3] = 4
+  batch.update(mlm_input_ids=masked, mlm_positions=np.full((B, 2), 3, np.int32))
+  model = Pretrainer(CONFIG, heads=(("mlm", MlmHead), ("plm", PlmHead)),
+                     views=(("plm", "permuted"),), bidirectional_input="mlm_input_ids")
+  params = nn.meta.unbox(model.init({"params": jax.random.key(0)}, batch, deterministic=True))
+  assert set(params["params"]) == {"encoder", "mlm", "plm"}
+  base = model.apply(params, batch, deterministic=True)
+  non_target = batch["plm_perm"][0, 0]  # Visible to every target of row 0.
+  changed = dict(batch, input_ids=batch["input_ids"].copy())
+  changed["input_ids"][0, non_target] = 5 + (batch["input_ids"][0, non_target] - 5 + 1) % 59
+  out = model.apply(params, changed, deterministic=True)
+  np.testing.assert_array_equal(out["mlm"], base["mlm"])
+  assert np.abs(out["plm"][0] - base["plm"][0]).max() > 1e-4
+
+
+def test_every_parameter_is_placed_by_the_weight_decay_mask():
+  """With every head and relative attention, each parameter name decays or not on purpose."""
+  from jaxlm.models import Pretrainer
+  from jaxlm.models.heads import LmHead, MlmHead, NspHead, PlmHead
+  from jaxlm.training import optimizer
+
+  batch = _example()
+  batch.update(mlm_positions=np.zeros((B, 2), np.int32))
+  model = Pretrainer(dataclasses.replace(CONFIG, position_encoding="relative"),
+                     heads=(("mlm", MlmHead), ("nsp", NspHead), ("clm", LmHead), ("plm", PlmHead)),
+                     views=(("clm", "causal"), ("plm", "permuted")))
+  params = nn.meta.unbox(model.init({"params": jax.random.key(0)}, batch, deterministic=True))
+  mask = {jax.tree_util.keystr(p): v
+          for p, v in jax.tree_util.tree_leaves_with_path(optimizer.decay_mask(params))}
+  assert mask["['params']['encoder']['layer_0']['attention']['position']['kernel']"] is True
+  for name in ("content_bias", "position_bias"):
+    assert mask[f"['params']['encoder']['layer_0']['attention']['{name}']"] is False
+  assert mask["['params']['encoder']['query_start']"] is False
+  assert "['params']['encoder']['embeddings']['position']['embedding']" not in mask
+  with pytest.raises(ValueError, match="neither the decayed nor"):
+    optimizer.decay_mask({"encoder": {"mystery": np.zeros(2)}})
+
+
+@pytest.mark.parametrize("name", ["bert_tiny", "bert_mini", "bert_base", "roberta_tiny",
+                                  "gpt_tiny", "xlnet_tiny", "xlnet_base"])
+def test_every_experiment_is_a_valid_config(name):
+  from jaxlm import config as config_lib
+  from jaxlm.models import ModelConfig
+  from conftest import experiment_config
+
+  config = experiment_config(name)
+  config_lib.validate(config)
+  ModelConfig.from_config(config.model)
+
+
+def test_xlnet_tiny_trains_and_reports_plm(tmp_path):
+  from jaxlm.training import loop
+  from conftest import experiment_config
+
+  config = experiment_config("xlnet_tiny")
+  config.train.steps, config.train.eval_every, config.data.eval_examples = 4, 4, 32
+  config.data.batch_size = 16
+  last = loop.train_and_evaluate(config, str(tmp_path / "xlnet"))
+  for key in ("plm_loss", "plm_accuracy", "eval/plm_loss", "eval/plm_accuracy",
+              "eval/plm_perplexity"):
+    assert np.isfinite(last[key]), key
+  assert "mlm_loss" not in last and "nsp_loss" not in last
