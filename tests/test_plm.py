@@ -338,3 +338,55 @@ def test_xlnet_tiny_trains_and_reports_plm(tmp_path):
               "eval/plm_perplexity"):
     assert np.isfinite(last[key]), key
   assert "mlm_loss" not in last and "nsp_loss" not in last
+
+
+def test_bad_plm_options_name_the_key(tokenizer):
+  from jaxlm.errors import UserError
+
+  with pytest.raises(UserError, match="objectives.plm.partial_prediction"):
+    _plm_objective(tokenizer, partial_prediction=0)
+  with pytest.raises(UserError, match="perm_size at least 0"):
+    _plm_objective(tokenizer, perm_size=-2)
+
+
+@pytest.mark.parametrize("encoding, names", [("absolute", ("plm",)),
+                                             ("relative", ("mlm", "nsp", "plm")),
+                                             ("relative", ("mlm", "clm"))])
+def test_flops_per_token_match_xla_count(encoding, names):
+  """The MFU numerator (every pass, the query stream, partial prediction, the heads) against
+  XLA's own count of the compiled gradient, within 15% (XLA also counts softmax, norms and
+  gathers)."""
+  import ml_collections
+
+  from configs import base
+  from jaxlm.data import random as random_lib
+  from jaxlm.models import Pretrainer
+  from jaxlm.objectives import DataSpec, build_objectives
+  from jaxlm.training import flops
+
+  config = ModelConfig(vocab_size=512, hidden_size=128, num_layers=2, num_heads=2, mlp_dim=512,
+                       max_position=128, dropout_rate=0.0, attention_dropout_rate=0.0,
+                       position_encoding=encoding)
+  batch_size, length = 8, 128
+  defaults = base.get_config().objectives
+  options = ml_collections.ConfigDict({n: dict(defaults[n], weight=1.0) for n in names})
+  objectives = build_objectives(options, DataSpec(512, length, np.ones(512, bool)))
+  ids = np.random.default_rng(0).integers(5, 512, (batch_size, length)).astype(np.int32)
+  ids[:, 0], ids[:, length // 2] = 2, 3  # [CLS] ... [SEP] ...
+  batch = {"input_ids": ids, "token_type_ids": np.zeros_like(ids),
+           "next_sentence_label": np.zeros(batch_size, np.int32)}
+  for objective in objectives:
+    batch = objective.host_transform(batch, random_lib.row_keys(0, np.arange(batch_size)))
+  model = Pretrainer(config, heads=tuple((o.name, o.head) for o in objectives),
+                     views=tuple((o.name, o.view) for o in objectives),
+                     bidirectional_input="mlm_input_ids")
+  params = nn.meta.unbox(model.init(jax.random.key(0), batch, deterministic=True))
+
+  def loss(p):
+    outputs = model.apply(p, batch, deterministic=True)
+    return sum(o.loss(outputs, batch)[0] for o in objectives)
+
+  cost = jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()
+  counted = (cost[0] if isinstance(cost, list) else cost)["flops"]
+  ours = flops.training_flops_per_token(config, length, objectives) * batch_size * length
+  assert 0.85 < counted / ours < 1.15, (counted, ours)

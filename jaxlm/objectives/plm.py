@@ -64,17 +64,21 @@ class PermutedLm(Objective):
     return {**batch, **sampled, "plm_target_ids": target_ids_BP.astype(np.int32)}
 
   def flops_per_token(self, model) -> float:
-    """The query stream and the head, at P of every L positions.
+    """What the permuted view adds to a full encoder pass: the query stream and the head, at P
+    of every L positions, less the part of the content stream's last layer that nothing reads.
 
     A query row runs every layer's query and output projections and MLP (keys and values come
-    from the content stream) and attends over all L keys (and, with relative attention, over
-    2L offsets); the head adds the transform and the vocabulary projection.
+    from the content stream) and attends over all L keys (with relative attention, also over
+    2L offsets); the head adds the transform and the vocabulary projection. The last query
+    layer reads only the keys and values of the content stream's input to it, so XLA drops the
+    rest of that content layer: its query and output projections, MLP and attention.
     """
     d, f, n, length = model.hidden_size, model.mlp_dim, model.num_layers, self.data.seq_len
     share = num_target_slots(length, self.permutation.partial_prediction) / length
     attention = 2 * length * d * (2 if model.position_encoding == "relative" else 1)
     per_query = n * (2 * d * d + 2 * d * f + attention) + d * model.vocab_size + d * d
-    return 6.0 * share * per_query
+    unread_content = 2 * d * d + 2 * d * f + attention
+    return 6.0 * (share * per_query - unread_content)
 
   def loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Aux]:
     return mean_cross_entropy(outputs["plm"], batch["plm_target_ids"],

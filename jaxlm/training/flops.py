@@ -1,8 +1,11 @@
 """Model FLOPs per token and device peaks, for MFU (model FLOPs utilisation)."""
 
+from collections.abc import Sequence
+
 import jax
 
 from jaxlm.models import ModelConfig
+from jaxlm.objectives import Objective
 
 # Dense peak FLOP/s per device in the usual training precision (bf16 on accelerators).
 _PEAKS = (
@@ -47,3 +50,12 @@ def encoder_flops_per_token(config: ModelConfig, seq_len: int) -> float:
   if config.position_encoding == "relative":
     flops += 6 * n * (2 * d * d + 2 * d * seq_len)
   return float(flops)
+
+
+def training_flops_per_token(config: ModelConfig, seq_len: int,
+                             objectives: Sequence[Objective]) -> float:
+  """A step's training FLOPs per input token: one encoder pass per view the enabled objectives
+  need, plus each objective's head and view-specific work (PLM's query stream)."""
+  passes = len({o.view for o in objectives if o.head})
+  return passes * encoder_flops_per_token(config, seq_len) + sum(
+      o.flops_per_token(config) for o in objectives)

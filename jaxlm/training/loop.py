@@ -205,9 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("Train step compiled in %.1f s", time.perf_counter() - compile_start)
 
     tokens_per_step = d.batch_size * d.seq_len
-    passes = len({o.view for o in objectives if o.head})  # One encoder pass per view.
-    flops_per_token = passes * flops.encoder_flops_per_token(model_config, d.seq_len) + sum(
-        o.flops_per_token(model_config) for o in objectives)
+    flops_per_token = flops.training_flops_per_token(model_config, d.seq_len, objectives)
     peak = flops.peak_flops_per_device(t.peak_tflops_per_device) * jax.device_count()
 
     eval_batches: dict[str, list] = {}  # The fixed sets, built once (this host's rows).
