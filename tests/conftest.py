@@ -43,6 +43,23 @@ def experiment_config(name: str):
   return module.get_config()
 
 
+def words_of(row, word_start_V):
+  """Words of a row as lists of positions: a piece that starts a word (by `word_start_V`, or a
+  regular piece after a special token or at the row's start) and the continuation pieces after
+  it. Special tokens and padding belong to no word."""
+  from jaxlm.data.tokenizer import NUM_SPECIAL
+
+  words = []
+  for i, token in enumerate(row):
+    if token < NUM_SPECIAL:
+      continue
+    if word_start_V[token] or i == 0 or row[i - 1] < NUM_SPECIAL:
+      words.append([i])
+    else:
+      words[-1].append(i)
+  return words
+
+
 def sentences_of(documents):
   return [s for d in documents for p in d for s in text.split_sentences(p)]
 

@@ -8,6 +8,7 @@ import pytest
 from jaxlm.data import masking, random
 from jaxlm.data.masking import MaskingOptions, mask_tokens
 from jaxlm.data.tokenizer import CLS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID
+from conftest import words_of
 
 VOCAB = 1000
 LENGTH = 128
@@ -262,17 +263,7 @@ WORD_START = np.array([i < NUM_SPECIAL or i % 4 == 0 for i in range(WW_VOCAB)])
 
 
 def _words(row):
-  """Words of a row as lists of positions: a start piece (or a regular piece after a special
-  token) and the continuation pieces after it."""
-  words = []
-  for i, token in enumerate(row):
-    if token < NUM_SPECIAL:
-      continue
-    if WORD_START[token] or i == 0 or row[i - 1] < NUM_SPECIAL:
-      words.append([i])
-    else:
-      words[-1].append(i)
-  return words
+  return words_of(row, WORD_START)
 
 
 @pytest.mark.parametrize("max_predictions", [20, 5])

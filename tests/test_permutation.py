@@ -14,6 +14,7 @@ from jaxlm.data.permutation import (
   sample_permutation,
 )
 from jaxlm.data.tokenizer import CLS_ID, NUM_SPECIAL, PAD_ID, SEP_ID
+from conftest import words_of
 
 VOCAB = 1000
 # A synthetic word table: regular ids divisible by 3 begin a word (about 3 pieces a word).
@@ -48,17 +49,7 @@ def _sections(out, r):
 
 
 def _words(row):
-  """Words of a row as lists of positions: a start piece (or a regular piece after a non-valid
-  token, or at the row's start) and the continuation pieces after it."""
-  words = []
-  for i, token in enumerate(row):
-    if token < NUM_SPECIAL:
-      continue
-    if WORD_START[token] or i == 0 or row[i - 1] < NUM_SPECIAL:
-      words.append([i])
-    else:
-      words[-1].append(i)
-  return words
+  return words_of(row, WORD_START)
 
 
 def test_num_target_slots():
