@@ -8,8 +8,10 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
+import jaxlm
 from jaxlm.errors import UserError
 from jaxlm.training import loop
 from jaxlm.training.metrics import read_metrics
@@ -143,6 +145,24 @@ def test_resume_reuses_the_tokenizer(first, resumed):
   assert resumed.tokenizer_stat.st_mtime_ns == first.tokenizer_stat.st_mtime_ns
 
 
+def _run_records(workdir):
+  with open(os.path.join(workdir, "runs.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def test_each_start_appends_its_record(first, resumed):
+  records = _run_records(resumed.workdir)
+  assert [r["start_step"] for r in records] == [0, 40]
+  assert [r["config"]["train"]["steps"] for r in records] == [40, 60]
+  assert records[0]["data_fingerprint"] == records[1]["data_fingerprint"]
+  assert len(records[0]["data_fingerprint"]) >= 16
+  for record in records:
+    assert record["packages"]["jax"] == jax.__version__
+    assert record["devices"]["count"] == jax.device_count()
+    assert record["jaxlm_version"] == jaxlm.__version__
+    assert record["git"] == {} or len(record["git"]["commit"]) == 40
+
+
 def test_workdir_records_its_data_and_refuses_other_data(repo_root, resumed, prepared_corpus):
   with open(os.path.join(resumed.workdir, "dataset.json"), encoding="utf-8") as f:
     dataset = json.load(f)
@@ -152,6 +172,7 @@ def test_workdir_records_its_data_and_refuses_other_data(repo_root, resumed, pre
   with pytest.raises(UserError, match="trained on other data.*allow_data_change"):
     loop.train_and_evaluate(config, resumed.workdir)
   assert not os.path.isdir(os.path.join(resumed.workdir, "checkpoints", "70"))
+  assert len(_run_records(resumed.workdir)) == 2  # A refused start leaves no record.
 
 
 def test_read_metrics_merges_rows_per_step(resumed):

@@ -26,7 +26,7 @@ from jaxlm.data import setup as data_setup, shards
 from jaxlm.errors import UserError
 from jaxlm.models import ModelConfig, Pretrainer
 from jaxlm.parallel import mesh as mesh_lib, rules as rules_lib
-from jaxlm.training import checkpoints, flops, inputs, optimizer, preemption
+from jaxlm.training import checkpoints, flops, inputs, optimizer, preemption, provenance
 from jaxlm.training import state as state_lib, step as step_lib
 from jaxlm.training.metrics import MetricWriter
 
@@ -172,8 +172,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.warning("Resuming with data.batch_size %d, saved with %s: the data stream moves.",
                         d.batch_size, position.get("global_batch_size"))
       logging.info("Resumed from the checkpoint at step %d", start)
-    if is_main:  # After the check above: a refused resume leaves the record as it was.
+    if is_main:  # After the check above: a refused resume leaves the records as they were.
       shards.write_json(os.path.join(workdir, data_setup.DATASET_FILE), sources.description)
+      provenance.append_start(workdir, config, start_step=start,
+                              data_fingerprint=sources.fingerprint)
     logging.info(
         "Parameters: %d (%.1f MiB per device); optimizer state: %.1f MiB per device; mesh %s",
         sum(x.size for x in jax.tree_util.tree_leaves(abstract.params)),
