@@ -44,3 +44,37 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
     raise UserError(f"optimizer.decay is '{o.decay}'; use one of {DECAYS}.")
   if o.learning_rate <= 0 or o.warmup_steps < 0:
     raise UserError("optimizer.learning_rate must be positive and optimizer.warmup_steps >= 0.")
+
+
+def recipe_warnings(config: ml_collections.ConfigDict) -> list[str]:
+  """Settings that run but silently change the recipe a researcher asked for, one line each.
+
+  Warnings, not errors: a short smoke run of a long recipe (`--config.train.steps=30`) trips
+  them on purpose. The loop logs them at start; `tests/test_recipes.py` holds every experiment
+  to none.
+  """
+  t, o, d = config.train, config.optimizer, config.data
+  found = []
+  if o.warmup_steps >= t.steps:
+    found.append(
+        f"optimizer.warmup_steps ({o.warmup_steps}) >= train.steps ({t.steps}): the learning "
+        f"rate never reaches its peak {o.learning_rate:g} and its decay never starts.")
+  mlm = config.objectives.get("mlm")
+  if mlm is not None and mlm.weight > 0 and mlm.max_predictions_per_seq != -1:
+    wanted = mlm.mask_rate * d.seq_len
+    if mlm.max_predictions_per_seq < 0.9 * wanted:
+      found.append(
+          f"objectives.mlm.max_predictions_per_seq ({mlm.max_predictions_per_seq}) caps MLM at "
+          f"{mlm.max_predictions_per_seq / d.seq_len:.1%} of {d.seq_len} tokens, not mask_rate "
+          f"{mlm.mask_rate:.0%}; set it to -1 to derive it from the rate.")
+  return found
+
+
+def resume_warnings(config: ml_collections.ConfigDict, previous_steps: int | None) -> list[str]:
+  """A resumed run whose `train.steps` changed: the schedule stretches or shrinks under it."""
+  steps = config.train.steps
+  if previous_steps is None or previous_steps == steps or config.optimizer.decay == "constant":
+    return []
+  return [f"train.steps is {steps}, the run started with {previous_steps}: the "
+          f"{config.optimizer.decay} learning-rate decay now spans a different length, so the "
+          "rate jumps at the resumed step. Keep train.steps to resume the same recipe."]

@@ -173,6 +173,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         d.batch_size, position.get("global_batch_size"))
       logging.info("Resumed from the checkpoint at step %d", start)
     if is_main:  # After the check above: a refused resume leaves the records as they were.
+      previous = provenance.last_start(workdir) if restored is not None else None
+      previous_steps = previous["config"]["train"]["steps"] if previous else None
+      for warning in (config_lib.recipe_warnings(config)
+                      + config_lib.resume_warnings(config, previous_steps)):
+        logging.warning("Recipe: %s", warning)
       shards.write_json(os.path.join(workdir, data_setup.DATASET_FILE), sources.description)
       provenance.append_start(workdir, config, start_step=start,
                               data_fingerprint=sources.fingerprint)

@@ -71,3 +71,13 @@ def append_start(workdir: str, config: ml_collections.ConfigDict, *, start_step:
   with open(os.path.join(workdir, RUNS_FILE), "a", encoding="utf-8") as f:
     f.write(json.dumps(record, sort_keys=True) + "\n")
   return record
+
+
+def last_start(workdir: str) -> dict | None:
+  """The latest record of `runs.jsonl`, or None for a new workdir (or an unreadable last line)."""
+  try:
+    with open(os.path.join(workdir, RUNS_FILE), encoding="utf-8") as f:
+      lines = f.read().splitlines()
+    return json.loads(lines[-1]) if lines else None
+  except (OSError, ValueError):
+    return None
