@@ -15,7 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict(
       dict(
           steps=1000,  # Optimizer steps in the whole run (also the length of the LR schedule).
-          seed=0,  # Parameters, dropout, data order and masks all derive from it.
+          seed=0,  # The seeds below derive from it unless set.
           # Gradient accumulation: each step runs the batch in this many slices (memory of one
           # slice) and averages their gradients before one update.
           microbatches=1,
@@ -58,6 +58,11 @@ def get_config() -> ml_collections.ConfigDict:
           allow_data_change=False,  # Resume a workdir on data with another fingerprint.
       )
   )
+
+  # Seeds apart, so that an ablation varies one thing at a time: parameters (`init`), what the
+  # data gives (`data`: order, pairs, masks, permutations) and dropout (`dropout`). -1 = derive
+  # from train.seed. Arms with one init seed share every encoder weight whatever heads they add.
+  config.seeds = ml_collections.ConfigDict(dict(init=-1, data=-1, dropout=-1))
 
   config.model = models.bert("base")
   config.optimizer = optimizers.adamw_bert()

@@ -16,6 +16,10 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
       raise UserError(f"train.{key} is {t[key]}; it must be a positive integer.")
   if t.seed < 0:
     raise UserError(f"train.seed is {t.seed}; it must be >= 0.")
+  for name, value in config.seeds.items():
+    if value < -1:
+      raise UserError(f"seeds.{name} is {value}; use a seed >= 0, or -1 to derive it from "
+                      "train.seed.")
   if d.seq_len < 8:
     raise UserError(f"data.seq_len is {d.seq_len}; it must be at least 8.")
   if d.seq_len > m.max_position and m.position_encoding == "absolute":
@@ -78,3 +82,9 @@ def resume_warnings(config: ml_collections.ConfigDict, previous_steps: int | Non
   return [f"train.steps is {steps}, the run started with {previous_steps}: the "
           f"{config.optimizer.decay} learning-rate decay now spans a different length, so the "
           "rate jumps at the resumed step. Keep train.steps to resume the same recipe."]
+
+
+def resolved_seeds(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """`seeds.init`, `seeds.data` and `seeds.dropout`, with -1 replaced by `train.seed`."""
+  return {name: config.train.seed if value == -1 else int(value)
+          for name, value in config.seeds.items()}

@@ -9,9 +9,11 @@ import math
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.data.masking import MaskingOptions, mask_tokens
+from jaxlm.data.tokenizer import NUM_SPECIAL
 from jaxlm.errors import UserError
 from jaxlm.models.heads import MlmHead
 from jaxlm.objectives.base import Aux, Batch, Objective, mean_cross_entropy, register
@@ -64,7 +66,11 @@ class MaskedLm(Objective):
     return per_prediction * self.masking.max_predictions / self.data.seq_len
 
   def loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Aux]:
-    return mean_cross_entropy(outputs["mlm"], batch["mlm_ids"], batch["mlm_weights"], "mlm")
+    loss, aux = mean_cross_entropy(outputs["mlm"], batch["mlm_ids"], batch["mlm_weights"], "mlm")
+    # What the masking really did: the share of text tokens predicted (the cap may bite).
+    aux["mlm_mask_rate"] = (jnp.sum(batch["mlm_weights"]),
+                            jnp.sum(batch["input_ids"] >= NUM_SPECIAL).astype(jnp.float32))
+    return loss, aux
 
 
 def _masking(options, prefix: str, seq_len: int) -> MaskingOptions:

@@ -33,5 +33,8 @@ class NextSentencePrediction(Objective):
 
   def loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Aux]:
     labels = batch["next_sentence_label"]  # -1 on the padding rows of the last eval batch.
-    return mean_cross_entropy(outputs["nsp"], jnp.maximum(labels, 0),
-                              (labels >= 0).astype(jnp.float32), "nsp")
+    real = (labels >= 0).astype(jnp.float32)
+    loss, aux = mean_cross_entropy(outputs["nsp"], jnp.maximum(labels, 0), real, "nsp")
+    # The label balance the pairs really had (random_next_prob asks for it).
+    aux["nsp_random_next_share"] = (jnp.sum(labels == 1).astype(jnp.float32), jnp.sum(real))
+    return loss, aux

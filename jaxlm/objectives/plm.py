@@ -16,9 +16,11 @@ target from its query stream through the tied output embedding.
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.data.permutation import PermutationOptions, num_target_slots, sample_permutation
+from jaxlm.data.tokenizer import NUM_SPECIAL
 from jaxlm.errors import UserError
 from jaxlm.models.heads import PlmHead
 from jaxlm.objectives.base import Aux, Batch, Objective, mean_cross_entropy, register
@@ -81,8 +83,20 @@ class PermutedLm(Objective):
     return 6.0 * (share * per_query - unread_content)
 
   def loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Aux]:
-    return mean_cross_entropy(outputs["plm"], batch["plm_target_ids"],
-                              batch["plm_target_weights"], "plm")
+    loss, aux = mean_cross_entropy(outputs["plm"], batch["plm_target_ids"],
+                                   batch["plm_target_weights"], "plm")
+    # What the sampling really did: the share of text tokens predicted, and the mean length of
+    # the runs of adjacent targets (about 1 for single pieces; whole-word spans make it longer).
+    perm_BL, weights_BP = batch["plm_perm"], batch["plm_target_weights"]
+    rows_B1 = jnp.arange(perm_BL.shape[0])[:, None]
+    target_BL = jnp.zeros(perm_BL.shape, bool).at[
+        rows_B1, perm_BL[:, perm_BL.shape[1] - weights_BP.shape[1]:]].set(weights_BP > 0)
+    run_starts = jnp.sum(target_BL[:, 0]) + jnp.sum(target_BL[:, 1:] & ~target_BL[:, :-1])
+    predicted = jnp.sum(weights_BP)
+    aux["plm_target_rate"] = (predicted,
+                              jnp.sum(batch["input_ids"] >= NUM_SPECIAL).astype(jnp.float32))
+    aux["plm_span_length"] = (predicted, run_starts.astype(jnp.float32))
+    return loss, aux
 
 
 def _permutation(options, prefix: str) -> PermutationOptions:

@@ -9,6 +9,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from jaxlm import config as config_lib
 from jaxlm.data import formats, loader as loader_lib, setup as data_setup
 from jaxlm.errors import UserError
 from jaxlm.objectives import DataSpec, Objective, build_objectives
@@ -24,7 +25,7 @@ def build_inputs(
     process_index: int = 0, process_count: int = 1,
 ) -> tuple[data_setup.DataSources, list[Objective], loader_lib.BatchLoader, EvalSets]:
   """The data, the enabled objectives, the train loader and the fixed eval loaders."""
-  t, d = config.train, config.data
+  d = config.data
   is_main = process_index == 0
 
   def share_failure(failed: bool) -> bool:
@@ -61,7 +62,8 @@ def build_inputs(
         num_examples=num_examples)
 
   train = loader(formats.make_format(d.format, sources.train, d.seq_len, **example_options),
-                 [(o.name, o.host_transform) for o in objectives], t.seed,
+                 [(o.name, o.host_transform) for o in objectives],
+                 config_lib.resolved_seeds(config)["data"],
                  loader_lib.TRAIN_STREAM)
   # The fixed eval sets: sentence windows for token-level objectives, BERT pairs for NSP;
   # each corrupted only by the objectives evaluated on it (NSP sees unmasked pairs in every arm).

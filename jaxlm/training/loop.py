@@ -151,7 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   init_batch = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype) for k, v in first.items()}
   batch_sharding = rules_lib.batch_sharding(mesh, rules)
   replicated = rules_lib.replicated(mesh)
-  root_rng = jax.random.key(t.seed)
+  seeds = config_lib.resolved_seeds(config)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract, shardings = state_lib.abstract_state(model, tx, init_batch, mesh, rules)
@@ -161,7 +161,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     restored = checkpointer.restore_newest(abstract)
     position: dict = {}
     if restored is None:
-      state = state_lib.init_state(jax.random.fold_in(root_rng, 0), model, tx, init_batch, shardings)
+      init_rng = jax.random.fold_in(jax.random.key(seeds["init"]), 0)
+      state = state_lib.init_state(init_rng, model, tx, init_batch, shardings)
       start = 0
     else:
       state, position = restored
@@ -206,7 +207,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
         for name, (chosen, _) in eval_loaders.items()
     }
-    dropout_rng = jax.device_put(jax.random.fold_in(root_rng, 1), replicated)
+    dropout_rng = jax.device_put(jax.random.fold_in(jax.random.key(seeds["dropout"]), 1),
+                                 replicated)
     compile_start = time.perf_counter()
     train_compiled = train_fn.lower(abstract, global_shapes, dropout_rng).compile()
     logging.info("Train step compiled in %.1f s", time.perf_counter() - compile_start)
@@ -241,6 +243,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # resumed run equal those of an uninterrupted one.
     interval = _Interval(position.get("interval"))
     consecutive_skips = int(position.get("consecutive_skips", 0))
+    # Cumulative counts of logged intervals (the open interval travels in `interval`).
+    predicted_tokens = float(position.get("predicted_tokens", 0.0))
+    token_objectives = [o.name for o in objectives if o.perplexity]
     last_row: dict[str, float] = {}
     pending = None
     interactive = is_main and sys.stderr.isatty()
@@ -268,6 +273,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               skipped_steps=interval.skipped,
           )
           row.pop("skipped", None)
+          for name in token_objectives:
+            count = interval.sums.get(f"{name}_loss/count", 0.0)
+            predicted_tokens += count
+            row[f"{name}_predicted_per_step"] = count / max(interval.steps, 1)
+          row.update(tokens_seen=done * tokens_per_step, predicted_tokens=predicted_tokens,
+                     model_flops=done * tokens_per_step * flops_per_token)
           writer.write(done, row)
           last_row = row
           progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
@@ -278,7 +289,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if done % t.eval_every == 0 or done == t.steps:
           eval_started = time.perf_counter()
           eval_row = evaluate(state.params)
-          writer.write(done, eval_row)
+          writer.write(done, {**eval_row, "tokens_seen": done * tokens_per_step,
+                              "model_flops": done * tokens_per_step * flops_per_token})
           last_row = {**last_row, **eval_row}
           logging.info("step %d: %s", done, json.dumps({k: round(v, 4) for k, v in eval_row.items()}))
           interval.started += time.perf_counter() - eval_started  # Not training time.
@@ -290,7 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           stalled = checkpointer.save(done, state, {
               "step": done, "global_batch_size": d.batch_size, "interval": interval.to_json(),
               "data_fingerprint": sources.fingerprint,
-              "consecutive_skips": consecutive_skips})
+              "consecutive_skips": consecutive_skips, "predicted_tokens": predicted_tokens})
           logging.info("Checkpoint of step %d started; the loop waited %.2f s", done, stalled)
         if stopping:
           logging.warning("Stopped at step %d on request; the checkpoint holds it. Run the "
