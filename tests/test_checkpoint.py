@@ -1,6 +1,8 @@
-"""Checkpoints: the train state and data position round-trip; a cut newest checkpoint is skipped."""
+"""Checkpoints: the train state and data position round-trip; a cut newest checkpoint is skipped,
+a newest one that merely fails to read is retried, then stops the run, never rewinds it."""
 
 import glob
+import json
 import logging
 import os
 import shutil
@@ -122,7 +124,7 @@ def test_cut_newest_checkpoint_falls_back_to_the_previous(setting, saved, tmp_pa
   assert position["step"] == STEPS[-2]
   _assert_same_state(state, states[STEPS[-2]], abstract)
   warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-  assert any(f"step {STEPS[-1]}" in m and "does not restore" in m for m in warnings), warnings
+  assert any(f"step {STEPS[-1]}" in m and "is damaged" in m for m in warnings), warnings
 
 
 def test_no_checkpoint_restores(setting, saved, tmp_path):
@@ -132,3 +134,69 @@ def test_no_checkpoint_restores(setting, saved, tmp_path):
     _cut(directory, step, "all")
   with pytest.raises(UserError, match="restores"):
     _restore(setting, directory)
+
+
+@pytest.mark.parametrize("error, damage", [
+    (json.JSONDecodeError("Expecting ','", "{", 1), True),
+    (ValueError("OUT_OF_RANGE: Error reading byte range"), True),
+    (ValueError("DATA_LOSS: checksum mismatch"), True),
+    (FileNotFoundError("d/a347"), True),
+    (ValueError("UNAVAILABLE: connection reset"), False),
+    (ValueError("PERMISSION_DENIED: bucket"), False),
+    (PermissionError(13, "Permission denied"), False),
+    (TimeoutError("read timed out"), False),
+    (OSError(5, "Input/output error"), False),
+    (RuntimeError("something else"), False),
+])
+def test_only_evidence_of_damage_counts_as_damage(error, damage):
+  assert checkpoints.is_damage(error) is damage
+
+
+def _flaky_restore(checkpointer, errors):
+  """Makes the manager's restore raise `errors` in turn, then work; returns the call log."""
+  real, calls = checkpointer._manager.restore, []
+
+  def restore(step, *args, **kwargs):
+    calls.append(step)
+    if errors:
+      raise errors.pop(0)
+    return real(step, *args, **kwargs)
+
+  checkpointer._manager.restore = restore
+  return calls
+
+
+def test_a_read_that_fails_for_a_while_is_retried_not_rewound(setting, saved, tmp_path,
+                                                              monkeypatch):
+  mesh, rules, abstract, states = setting
+  monkeypatch.setattr(checkpoints, "_RETRY_SECONDS", 0.0)
+  directory = str(tmp_path / "checkpoints")
+  shutil.copytree(saved, directory)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    checkpointer = checkpoints.Checkpointer(directory, keep=KEEP)
+    calls = _flaky_restore(checkpointer, [TimeoutError("slow disk"),
+                                          ValueError("UNAVAILABLE: try again")])
+    try:
+      state, position = checkpointer.restore_newest(abstract)
+    finally:
+      checkpointer.close()
+  assert calls == [STEPS[-1]] * 3 and position["step"] == STEPS[-1]
+  _assert_same_state(state, states[STEPS[-1]], abstract)
+
+
+def test_a_read_that_keeps_failing_stops_and_leaves_every_checkpoint(setting, saved, tmp_path,
+                                                                     monkeypatch):
+  mesh, rules, abstract, _ = setting
+  monkeypatch.setattr(checkpoints, "_RETRY_SECONDS", 0.0)
+  directory = str(tmp_path / "checkpoints")
+  shutil.copytree(saved, directory)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    checkpointer = checkpoints.Checkpointer(directory, keep=KEEP)
+    calls = _flaky_restore(checkpointer, [PermissionError(13, "Permission denied")] * 5)
+    try:
+      with pytest.raises(UserError, match=f"step {STEPS[-1]}.*could not be read.*not fall back"):
+        checkpointer.restore_newest(abstract)
+    finally:
+      checkpointer.close()
+  assert calls == [STEPS[-1]] * checkpoints._RESTORE_ATTEMPTS  # Never an older step.
+  assert sorted(os.listdir(directory)) == sorted(str(s) for s in STEPS[-KEEP:])

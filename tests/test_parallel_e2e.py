@@ -320,3 +320,43 @@ def test_checkpoint_restores_sharded_for_the_new_mesh(repo_root, interrupted, ei
   assert {s.data.shape for s in saved_kernel.addressable_shards} == {(rows // 8, cols)}
   for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(saved_state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _restore_processes(repo_root, tmp_path, directory, mode, faults=("", "")):
+  """The two processes of tests/restore_worker.py; returns each one's printed JSON."""
+  port = _free_port()
+  logdir = tmp_path / f"{mode}{''.join(faults)}"
+  logdir.mkdir()
+  worker = os.path.join(repo_root, "tests", "restore_worker.py")
+  commands = [[sys.executable, worker, str(i), str(port), directory, mode,
+               *([faults[i]] if faults[i] else [])] for i in range(2)]
+  _run_processes(repo_root, str(logdir), commands, devices=1)
+  outputs = []
+  for i in range(2):
+    with open(logdir / f"proc{i}.stdout", encoding="utf-8") as f:
+      outputs.append(json.loads(f.read().strip().splitlines()[-1]))
+  return outputs
+
+
+def test_processes_agree_on_the_checkpoint_they_restore(repo_root, tmp_path):
+  """One process finds the newest checkpoint damaged: both resume from the older one. One
+  process cannot read it (no sign of damage): both stop, and nothing is rewound."""
+  saved = str(tmp_path / "saved")
+  assert _restore_processes(repo_root, tmp_path, saved, "save") == [{"saved": [1, 2]}] * 2
+
+  damaged = str(tmp_path / "damaged")
+  shutil.copytree(saved, damaged)
+  got = _restore_processes(repo_root, tmp_path, damaged, "restore", faults=("", "damaged"))
+  assert got == [{"step": 1, "value": 1.0}] * 2
+
+  unreadable = str(tmp_path / "unreadable")
+  shutil.copytree(saved, unreadable)
+  got = _restore_processes(repo_root, tmp_path, unreadable, "restore",
+                           faults=("", "unreadable"))
+  assert all("step 2" in g["error"] and "could not be read" in g["error"] for g in got), got
+  assert sorted(os.listdir(unreadable)) == ["1", "2"]
+
+  clean = str(tmp_path / "clean")
+  shutil.copytree(saved, clean)
+  assert _restore_processes(repo_root, tmp_path, clean, "restore") == [
+      {"step": 2, "value": 2.0}] * 2

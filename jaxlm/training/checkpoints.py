@@ -2,19 +2,48 @@
 
 Resume order (see `loop.train_and_evaluate`): the newest good checkpoint in the workdir, else a
 fresh start. Restores always name their target (abstract arrays with shardings and dtypes), so a
-checkpoint restores onto any mesh. A newest checkpoint that fails to restore (cut or corrupt
-files) is reported and the previous one is used.
+checkpoint restores onto any mesh.
+
+Falling back to an older checkpoint rewinds the run, so it happens only on evidence that the
+newest is damaged (cut or corrupt files: a JSON or decompression error, a missing file, or
+tensorstore's DATA_LOSS / OUT_OF_RANGE / NOT_FOUND). Any other failure (a permission, timeout or
+connection error, an unknown one) is retried a few times and then stops the run, leaving every
+checkpoint in place. With several processes, all agree on each outcome before acting: one
+process's damaged read sends every process to the older step, one's unexplained failure stops
+them all, so no two processes ever resume from different steps.
 """
 
+import json
 import os
 import time
+import zlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 from jaxlm.errors import UserError
+
+# tensorstore reports cut or missing data with these status codes (the message's first word).
+_DAMAGE_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND")
+_RESTORE_ATTEMPTS = 3
+_RETRY_SECONDS = 2.0
+# A restore's outcome, the same number on every process once they agree (the largest wins).
+_RESTORED, _DAMAGED, _FAILED = 0, 1, 2
+
+
+def is_damage(error: BaseException) -> bool:
+  """Whether a restore error shows the checkpoint's files are cut or corrupt (not merely that
+  reading them failed this time)."""
+  if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError, zlib.error, EOFError,
+                        FileNotFoundError)):
+    return True
+  if isinstance(error, OSError):  # Permission, timeout, connection, I/O: the storage, not the data.
+    return False
+  code = str(error).split(":", 1)[0].strip()
+  return isinstance(error, ValueError) and code in _DAMAGE_CODES
 
 
 class Checkpointer:
@@ -59,31 +88,57 @@ class Checkpointer:
     return self._manager.reached_preemption(step)
 
   def restore_newest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
-    """The newest checkpoint that restores, as `(state, data_position)`; None if there is none."""
+    """The newest checkpoint that restores, as `(state, data_position)`; None if there is none.
+
+    Older checkpoints are tried only past damaged ones; see the module docstring.
+    """
     steps = self.steps()
     unrestorable = []
     for step in reversed(steps):
       _check_matches(self._manager, step, abstract_state)
-      try:
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-            ),
-        )
-      except Exception as e:  # orbax raises ValueError, OSError or a bare Exception for cut data.
-        logging.warning("Checkpoint at step %d does not restore (%s); trying an older one.", step,
-                        str(e).splitlines()[0][:300])
-        unrestorable.append(step)
-        continue
-      self._set_aside(unrestorable)
-      return restored.state, restored.data
+      for attempt in range(_RESTORE_ATTEMPTS):  # Every process retries together.
+        outcome, restored, error = self._try_restore(step, abstract_state)
+        outcome = _agreed(outcome)
+        if outcome != _FAILED:
+          break
+        logging.warning("Reading the checkpoint at step %d failed (%s); attempt %d of %d.", step,
+                        _first_line(error) if error is not None else "on another process",
+                        attempt + 1, _RESTORE_ATTEMPTS)
+        if attempt + 1 < _RESTORE_ATTEMPTS:
+          time.sleep(_RETRY_SECONDS * (attempt + 1))
+      if outcome == _RESTORED:
+        self._set_aside(unrestorable)
+        return restored.state, restored.data
+      if outcome == _FAILED:
+        where = (f"({_first_line(error)})" if error is not None else
+                 "on another process (see its log)")
+        raise UserError(
+            f"The checkpoint at step {step} in {self._manager.directory} could not be read "
+            f"{where}, and nothing shows it is damaged, so the run does not fall back to an "
+            "older one (that would rewind it). Fix the storage or permissions and run the same "
+            "command again; every checkpoint was left in place.")
+      logging.warning("Checkpoint at step %d is damaged (%s); trying an older one.", step,
+                      _first_line(error) if error is not None else "on another process")
+      unrestorable.append(step)
     if steps:
       raise UserError(
           f"None of the checkpoints {steps} in {self._manager.directory} restores. Move the "
           "checkpoints/ folder away to start afresh."
       )
     return None
+
+  def _try_restore(self, step: int, abstract_state: Any):
+    """`(outcome, restored or None, error or None)` of one attempt on this process."""
+    try:
+      restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+          ),
+      )
+      return _RESTORED, restored, None
+    except Exception as e:  # orbax raises ValueError, OSError or a bare Exception.
+      return (_DAMAGED if is_damage(e) else _FAILED), None, e
 
   def _set_aside(self, steps: list[int]) -> None:
     """Moves unrestorable checkpoints out of the way (kept, not deleted), so their steps can be
@@ -110,6 +165,19 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _agreed(outcome: int) -> int:
+  """The worst outcome over all processes (each process calls this with its own)."""
+  if jax.process_count() == 1:
+    return outcome
+  from jax.experimental import multihost_utils
+
+  return int(np.max(multihost_utils.process_allgather(np.int32(outcome))))
+
+
+def _first_line(error: BaseException) -> str:
+  return f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
 
 
 def _check_matches(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> None:
