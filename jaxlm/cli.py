@@ -1,6 +1,7 @@
 """What every `python -m jaxlm.<verb>` entry point shares: flag parsing that turns config
 mistakes into plain messages, `UserError`s printed without traceback, and multi-host start-up."""
 
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -36,8 +37,33 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def add_config_root(argv: list[str]) -> None:
+  """Puts the checkout holding a `--config` file's `configs/` package first on `sys.path`.
+
+  Experiment files import the shared pieces (`from configs import recipes`), and `configs` is
+  deliberately not installed into site-packages, where a package of that name would shadow a
+  user's own. So the pieces are found next to the experiment: from a clone, an editable install
+  or a notebook, whatever the working directory.
+  """
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+    else:
+      continue
+    folder = os.path.dirname(os.path.abspath(path))
+    for _ in range(3):  # experiments/x.py, experiments/group/x.py, or a file beside configs/.
+      if os.path.isfile(os.path.join(folder, "configs", "__init__.py")):
+        if folder not in sys.path:
+          sys.path.insert(0, folder)
+        return
+      folder = os.path.dirname(folder)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with config mistakes reported as one plain paragraph."""
+  add_config_root(argv)
   try:
     return flags.FLAGS(argv)
   except (flags.UnrecognizedFlagError, AttributeError, KeyError) as e:
