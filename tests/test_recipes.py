@@ -19,6 +19,13 @@ def test_every_experiment_runs_its_recipe_as_written(name):
   assert config_lib.recipe_warnings(experiment_config(name)) == []
 
 
+def test_the_presets_run_their_recipes_as_written():
+  from configs import base, recipes
+
+  assert config_lib.recipe_warnings(base.get_config()) == []
+  assert config_lib.recipe_warnings(recipes.tiny_fast()) == []
+
+
 def test_warm_up_as_long_as_the_run_is_flagged():
   config = experiment_config("bert_mini")
   config.train.steps = config.optimizer.warmup_steps
