@@ -36,6 +36,7 @@ def test_warm_up_as_long_as_the_run_is_flagged():
 def test_mlm_predictions_capped_below_the_rate_are_flagged():
   config = experiment_config("bert_mini")
   config.data.seq_len, config.model.max_position = 512, 512
+  config.objectives.mlm.max_predictions_per_seq = 20  # BERT's figure for seq 128.
   (warning,) = config_lib.recipe_warnings(config)
   assert "3.9% of 512 tokens" in warning and "-1" in warning
   config.objectives.mlm.max_predictions_per_seq = -1
