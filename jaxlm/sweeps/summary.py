@@ -160,7 +160,8 @@ def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None
   return statistics.fmean(present), statistics.stdev(present)
 
 
-def interpolate(rows: Sequence[dict], x_key: str, x: float, keys: Iterable[str]) -> dict[str, float]:
+def interpolate(rows: Sequence[dict], x_key: str, x: float,
+                keys: Iterable[str]) -> dict[str, float]:
   """Each of `keys` linearly interpolated at `x` along `x_key`, over the rows that have both.
 
   A key is left out when no row at or below `x` has it, or none at or above (no extrapolation).
@@ -257,8 +258,9 @@ def build_points(runs: Sequence[Run]) -> tuple[list[Point], list[str], tuple[str
     return points, keys, None
   flops, cheapest = min(costs)
   for point in points:
-    values = [interpolate(_eval_rows(r), "model_flops", flops, ["step", *keys])
-              for r in point.finished]
+    # The step from every row (train rows log FLOPs too), the metrics from the eval rows.
+    values = [{**interpolate(r.rows, "model_flops", flops, ["step"]),
+               **interpolate(_eval_rows(r), "model_flops", flops, keys)} for r in point.finished]
     point.at_budget = {k: mean_std(v.get(k) for v in values) for k in ["step", *keys]}
   return points, keys, (cheapest, flops)
 
@@ -268,7 +270,9 @@ def format_value(value: float | None) -> str:
   notation for large or tiny magnitudes."""
   if value is None:
     return ""
-  if value == 0 or not math.isfinite(value):
+  if value == 0:
+    return "0"
+  if not math.isfinite(value):
     return str(value)
   if abs(value) >= 1e5 or abs(value) < 1e-3:
     return f"{value:.3e}"
@@ -305,20 +309,21 @@ def markdown(points: Sequence[Point], keys: Sequence[str], budget, title: str) -
                  *(format_mean_std(*p.final[k]) for k in keys), *cost])
   lines = [
       f"# Sweep summary: {title}", "",
-      "Final eval metrics per point on the fixed eval set (mean ± sample std over seeds when "
-      "there are several). Tokens seen and model FLOPs are cumulative at the last step; tokens/s "
-      "is the mean of the training rows after the first (which includes compilation); wall s is "
-      "the trainer's wall time, all restarts together. Only finished runs count.", "",
+      ("Final eval metrics per point on the fixed eval set (mean ± sample std over seeds when "
+       "there are several). Tokens seen and model FLOPs are cumulative at the last step; "
+       "tokens/s is the mean of the training rows after the first (which includes "
+       "compilation); wall s is the trainer's wall time, all restarts together. Only finished "
+       "runs count."), "",
       *_markdown_table(header, rows), "", "## At equal compute", ""]
   if budget is None:
     lines.append("No finished run logged `model_flops`: nothing to compare at equal compute.")
     return "\n".join(lines) + "\n"
   cheapest, flops = budget
   lines += [
-      f"Eval metrics interpolated linearly at {format_value(flops)} model FLOPs, what the "
-      f"cheapest point (`{cheapest}`) spent in all (x = cumulative model FLOPs at each eval row). "
-      "`step` is where each point reaches that budget. Empty: no eval row at or below the "
-      "budget.", "",
+      (f"Eval metrics interpolated linearly at {format_value(flops)} model FLOPs, what the "
+       f"cheapest point (`{cheapest}`) spent in all (x = cumulative model FLOPs at each eval "
+       "row). `step` is where each point reaches that budget. Empty: no eval row at or below "
+       "the budget (no extrapolation)."), "",
       *_markdown_table(["point", "step", *keys],
                        [[p.name, *(format_mean_std(*p.at_budget.get(k, (None, None)))
                                    for k in ["step", *keys])] for p in points])]
