@@ -28,14 +28,16 @@ def test_the_config_file_brings_its_checkout_onto_the_path(repo_root, monkeypatc
   assert sys.path[0] == repo_root
 
 
-def test_train_runs_an_experiment_from_another_directory(repo_root, tmp_path):
+def test_train_loads_an_experiment_from_another_directory(repo_root, tmp_path):
+  """From a folder with no configs/ in reach, the experiment (which imports `configs`) still
+  loads: the run gets as far as checking the overrides against its config."""
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   env["JAX_PLATFORMS"] = "cpu"
   command = [sys.executable, "-m", "jaxlm.train",
              f"--config={os.path.join(repo_root, 'experiments', 'bert_tiny.py')}",
-             f"--workdir={tmp_path / 'run'}", "--config.train.steps=1",
-             "--config.data.batch_size=16", "--config.data.eval_examples=16"]
+             f"--workdir={tmp_path / 'run'}", "--config.train.stepz=1"]
   done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
-                        timeout=300)
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert os.path.isfile(tmp_path / "run" / "metrics.jsonl")
+                        timeout=120)
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert "Unknown config key 'train.stepz'" in done.stderr, done.stderr[-3000:]
+  assert "Did you mean 'train.steps'" in done.stderr

@@ -109,6 +109,15 @@ class _Interval:
         self.last[key] = value
 
 
+def seed_keys(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+  """The parameter-init and dropout keys, from `seeds.init` and `seeds.dropout` (the data seed
+  goes to the loader). With both derived from train.seed they are the keys used before the
+  seeds were split, so existing runs give the same numbers."""
+  seeds = config_lib.resolved_seeds(config)
+  return (jax.random.fold_in(jax.random.key(seeds["init"]), 0),
+          jax.random.fold_in(jax.random.key(seeds["dropout"]), 1))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the run described by `config` in `workdir`; returns the last row."""
   process_index, process_count = jax.process_index(), jax.process_count()
@@ -151,9 +160,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   init_batch = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype) for k, v in first.items()}
   batch_sharding = rules_lib.batch_sharding(mesh, rules)
   replicated = rules_lib.replicated(mesh)
-  seeds = config_lib.resolved_seeds(config)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    # Made under the mesh, as every array the step takes: on several processes a key made
+    # outside it is process-local and cannot be placed on the global mesh.
+    init_rng, dropout_rng = seed_keys(config)
     abstract, shardings = state_lib.abstract_state(model, tx, init_batch, mesh, rules)
     _check_disk_space(workdir, abstract)
     checkpointer = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
@@ -161,7 +172,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     restored = checkpointer.restore_newest(abstract)
     position: dict = {}
     if restored is None:
-      init_rng = jax.random.fold_in(jax.random.key(seeds["init"]), 0)
       state = state_lib.init_state(init_rng, model, tx, init_batch, shardings)
       start = 0
     else:
@@ -207,8 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
         for name, (chosen, _) in eval_loaders.items()
     }
-    dropout_rng = jax.device_put(jax.random.fold_in(jax.random.key(seeds["dropout"]), 1),
-                                 replicated)
+    dropout_rng = jax.device_put(dropout_rng, replicated)
     compile_start = time.perf_counter()
     train_compiled = train_fn.lower(abstract, global_shapes, dropout_rng).compile()
     logging.info("Train step compiled in %.1f s", time.perf_counter() - compile_start)
