@@ -53,7 +53,7 @@ it once, through the sweep; a sweep killed with SIGKILL leaves it running.
 **`--dry_run`** checks the points and prints one shell command per run, for a scheduler; it runs
 and writes nothing. **The summary** (`summary.md`, `summary.csv`, `summary.png` in the workdir,
 of every run under it) is written after the runs and by `--summarize DIR`: see
-`jaxlm/sweeps/summary.py`.
+`jaxlm/analysis/summary.py`.
 """
 
 import dataclasses
@@ -75,7 +75,7 @@ from ml_collections import config_flags
 
 from jaxlm import cli, config as config_lib
 from jaxlm.errors import UserError, closest
-from jaxlm.sweeps import summary
+from jaxlm.analysis import summary
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file: get_config() is the base config, get_sweep() the points.",

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from jaxlm.sweeps import summary
+from jaxlm.analysis import summary
 from jaxlm.training.metrics import read_metrics
 
 # Three steps of batch 16, evaluated at the end: seconds per run once the step is compiled.

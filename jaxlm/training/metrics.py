@@ -12,6 +12,8 @@ from collections.abc import Mapping
 import numpy as np
 from tensorboardX import SummaryWriter
 
+from jaxlm.analysis.runs import read_metrics  # noqa: F401  (where readers find it too)
+
 
 def _rows_up_to(path: str, last_step: int) -> list[str]:
   keep = []
@@ -66,14 +68,3 @@ def _plain(value):
   return value
 
 
-def read_metrics(path: str) -> list[dict]:
-  """Rows of a metrics.jsonl, the last row per step winning (as every reader should)."""
-  by_step: dict[int, dict] = {}
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      by_step[row["step"]] = {**by_step.get(row["step"], {}), **row}
-  return [by_step[s] for s in sorted(by_step)]

@@ -28,7 +28,7 @@ import re
 import statistics
 from collections.abc import Iterable, Sequence
 
-from jaxlm.training.metrics import read_metrics
+from jaxlm.analysis.runs import read_metrics
 
 POINT_FILE = "point.json"
 _EVAL_KEY = re.compile(r"^eval/(\w+)_(loss|accuracy|perplexity)$")
