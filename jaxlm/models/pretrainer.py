@@ -38,6 +38,16 @@ class Pretrainer(nn.Module):
   views: tuple[tuple[str, str], ...] = ()
   bidirectional_input: str = "input_ids"
 
+  @classmethod
+  def for_objectives(cls, config: ModelConfig, objectives) -> "Pretrainer":
+    """The model of a run with these objectives (`jaxlm.objectives.Objective`s): their heads,
+    their views, and the bidirectional pass reading the ids they corrupt."""
+    return cls(
+        config, heads=tuple((o.name, o.head) for o in objectives if o.head),
+        views=tuple((o.name, o.view) for o in objectives),
+        bidirectional_input=next((o.corrupted_input for o in objectives
+                                  if o.corrupted_input and o.view == BIDIRECTIONAL), "input_ids"))
+
   @nn.compact
   def __call__(
       self, batch: Mapping[str, jax.Array], *, deterministic: bool

@@ -167,6 +167,42 @@ class Checkpointer:
     self._manager.close()
 
 
+def restore_params(directory: str, abstract_params: Any, step: int | None = None
+                   ) -> tuple[Any, int]:
+  """The parameters alone of the checkpoint at `step` (default: the newest), as `(params, step)`.
+
+  Reads nothing of the optimizer state (a partial restore), so evaluation, prediction, export and
+  fine-tuning need only the memory of the parameters, on any mesh `abstract_params` names.
+  """
+  if not os.path.isdir(directory):
+    raise UserError(f"There is no checkpoints folder at {directory}: --workdir must be the "
+                    "folder of a jaxlm training run that saved at least one checkpoint.")
+  manager = ocp.CheckpointManager(
+      os.path.abspath(directory), item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(read_only=True))
+  steps = sorted(manager.all_steps())
+  if not steps:
+    raise UserError(f"{directory} holds no finished checkpoint yet: train longer (past "
+                    "train.checkpoint_every) or wait for the run's first save.")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise UserError(f"No checkpoint of step {step} in {directory}; it holds steps {steps}.")
+  _check_matches(manager, step, {"params": abstract_params})
+  restore_args = jax.tree_util.tree_map(
+      lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), abstract_params)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={"params": abstract_params}, restore_args={"params": restore_args},
+        partial_restore=True)))
+  except Exception as e:  # orbax raises ValueError, OSError or a bare Exception.
+    raise UserError(f"The checkpoint at step {step} in {directory} could not be read "
+                    f"({_first_line(e)}). Choose another with --step (it holds {steps}).") from None
+  finally:
+    manager.close()
+  return restored.state["params"], step
+
+
 def _agreed(outcome: int) -> int:
   """The worst outcome over all processes (each process calls this with its own)."""
   if jax.process_count() == 1:

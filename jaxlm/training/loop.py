@@ -148,11 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   sources, objectives, train_loader, eval_loaders = inputs.build_inputs(
       config, workdir, model_config.vocab_size, process_index, process_count)
 
-  model = Pretrainer(
-      model_config, heads=tuple((o.name, o.head) for o in objectives if o.head),
-      views=tuple((o.name, o.view) for o in objectives),
-      bidirectional_input=next((o.corrupted_input for o in objectives
-                                if o.corrupted_input and o.view == "bidirectional"), "input_ids"))
+  model = Pretrainer.for_objectives(model_config, objectives)
   tx, schedule = optimizer.make_optimizer(config.optimizer, t.steps)
   first = train_loader.batch(0)
   global_shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * process_count,) + v.shape[1:], v.dtype)

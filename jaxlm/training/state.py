@@ -64,6 +64,27 @@ def abstract_state(
   return abstract, shardings
 
 
+def abstract_params(
+    model: nn.Module,
+    batch: Mapping[str, jax.ShapeDtypeStruct],
+    mesh: jax.sharding.Mesh,
+    rules: rules_lib.Rules,
+):
+  """Shapes, dtypes and shardings of the parameters alone (to restore them without the
+  optimizer state)."""
+  boxed = jax.eval_shape(
+      lambda rng: model.init({"params": rng}, jax.tree_util.tree_map(
+          lambda s: jnp.zeros(s.shape, s.dtype), batch), deterministic=True)["params"],
+      jax.random.key(0))
+  shardings = rules_lib.logical_shardings(boxed, mesh, rules)
+  plain = jax.tree_util.tree_map(
+      lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
+      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return jax.tree_util.tree_map(
+      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+      plain, shardings)
+
+
 def init_state(
     rng: jax.Array,
     model: nn.Module,
