@@ -61,6 +61,23 @@ def add_config_root(argv: list[str]) -> None:
       folder = os.path.dirname(folder)
 
 
+def use_saved_config(argv: list[str]) -> list[str]:
+  """For the verbs that read a trained run (`evaluate`, `predict`, `export`): without a
+  `--config`, the run's own saved config is the one `--config.k=v` overrides."""
+  if any(a.startswith(("--config=", "-config=")) or a in ("--config", "-config") for a in argv):
+    return argv
+  workdir = next((a.split("=", 1)[1] for a in argv if a.startswith(("--workdir=", "-workdir="))),
+                 None)
+  if workdir is None:
+    return argv  # absl reports the missing required flag.
+  if not os.path.isfile(os.path.join(workdir, "config.json")):
+    _fail(f"{workdir} is not a jaxlm run folder (it has no config.json): pass the --workdir of "
+          "a `python -m jaxlm.train` run.")
+  from jaxlm.training import pretrained
+
+  return argv[:1] + [f"--config={pretrained.__file__}:{workdir}"] + argv[1:]
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with config mistakes reported as one plain paragraph."""
   add_config_root(argv)
@@ -108,8 +125,9 @@ class _QuietLibraries:
         "orbax" not in record.pathname)
 
 
-def run(main: Callable[[list[str]], None]) -> int:
-  """Runs `main` under absl; a UserError exits 1 with its message and no traceback."""
+def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> int:
+  """Runs `main` under absl (on `argv`, default sys.argv); a UserError exits 1 with its message
+  and no traceback."""
 
   def guarded(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -120,5 +138,5 @@ def run(main: Callable[[list[str]], None]) -> int:
       print(f"Error: {e}", file=sys.stderr)
       sys.exit(1)
 
-  app.run(guarded, flags_parser=_parse_flags)
+  app.run(guarded, argv=argv, flags_parser=_parse_flags)
   return 0

@@ -5,6 +5,8 @@ import importlib.util
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -215,3 +217,40 @@ def test_cli_missing_data_file(repo_root, tmp_path):
   assert result.returncode != 0
   assert "/nonexistent/x.txt" in result.stderr
   assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_evaluate_restores_parameters_and_matches_training(first, resumed, tmp_path):
+  """`evaluate` on a saved step reports exactly what training's eval of that step did."""
+  from jaxlm.training import evaluation
+
+  workdir = str(tmp_path / "run")
+  shutil.copytree(resumed.workdir, workdir)
+  trained = {r["step"]: r for r in _eval_rows(resumed.rows)}
+  for step in (40, 60):
+    row = evaluation.evaluate_run(workdir, step=step, write=step == 60)
+    assert row["step"] == step
+    for key in EVAL_KEYS + ("eval/mlm_perplexity",):
+      assert row[key] == pytest.approx(trained[step][key], rel=1e-5, abs=1e-6), (step, key)
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert rows[: len(resumed.rows)] == resumed.rows  # Appended, nothing rewritten.
+  assert rows[-1]["step"] == 60 and "eval/mlm_accuracy" in rows[-1]
+  assert len(rows) == len(resumed.rows) + 1
+  with pytest.raises(UserError, match=r"No checkpoint of step 7 .*\[20, 40, 60\]"):
+    evaluation.evaluate_run(workdir, step=7)
+
+
+def test_evaluate_cli_overrides_the_saved_config(repo_root, resumed, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(resumed.workdir, workdir)
+  result = subprocess.run(
+      [sys.executable, "-m", "jaxlm.evaluate", f"--workdir={workdir}", "--step=40",
+       "--config.data.eval_examples=16", "--write=false"],
+      cwd=repo_root, capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "step 40: eval/loss" in result.stdout
+  assert re.search(r"^mlm\s+\d\.\d{4}\s+0\.\d{4}\s+\d+\.\d\d$", result.stdout, re.M)
+  assert "eval windows 16, pairs 16" in result.stderr  # The override took effect.
+  bad = subprocess.run(
+      [sys.executable, "-m", "jaxlm.evaluate", f"--workdir={workdir}", "--config.data.evl=3"],
+      cwd=repo_root, capture_output=True, text=True, timeout=60, check=False)
+  assert bad.returncode != 0 and "data.evl" in bad.stderr and "Traceback" not in bad.stderr

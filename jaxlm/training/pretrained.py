@@ -49,6 +49,12 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+def get_config(workdir: str) -> ml_collections.ConfigDict:
+  """`--config=<this file>:<workdir>`: the saved config, so `--config.k=v` overrides it (the
+  entry points after pretraining pass this for the user; see `cli.use_saved_config`)."""
+  return read_config(workdir)
+
+
 def inference_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   """The run's mesh when it fits the devices here, else every device on the data axis (a run
   trained on a pod is evaluated on a laptop)."""

@@ -6,7 +6,7 @@ initialiser is then jitted with those `out_shardings`, so no parameter ever exis
 """
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -25,10 +25,18 @@ class TrainState:
   opt_state: Any
 
 
-def _init_boxed(rng, *, model: nn.Module, tx: optax.GradientTransformation, batch) -> TrainState:
+# (rng, the model's boxed parameters) -> the boxed parameters that train (LoRA: adapters + head).
+Select = Callable[[jax.Array, Any], Any]
+
+
+def _init_boxed(rng, *, model: nn.Module, tx: optax.GradientTransformation, batch,
+                select: Select | None = None) -> TrainState:
   """`batch` gives shapes only (ShapeDtypeStructs); zeros of those shapes drive `model.init`."""
   batch = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), batch)
-  params = model.init({"params": rng}, batch, deterministic=True)["params"]
+  init_rng, select_rng = jax.random.split(rng) if select else (rng, None)
+  params = model.init({"params": init_rng}, batch, deterministic=True)["params"]
+  if select:
+    params = select(select_rng, params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
@@ -42,10 +50,12 @@ def abstract_state(
     batch: Mapping[str, jax.ShapeDtypeStruct],
     mesh: jax.sharding.Mesh,
     rules: rules_lib.Rules,
+    select: Select | None = None,
 ) -> tuple[TrainState, TrainState]:
   """Returns `(abstract_state, shardings)`: shapes, dtypes and shardings of every leaf."""
   boxed = jax.eval_shape(
-      functools.partial(_init_boxed, model=model, tx=tx, batch=batch), jax.random.key(0)
+      functools.partial(_init_boxed, model=model, tx=tx, batch=batch, select=select),
+      jax.random.key(0)
   )
   shardings = rules_lib.logical_shardings(boxed, mesh, rules)
   # Strip the boxes without `unbox()`, which would apply sharding constraints outside jit.
@@ -64,6 +74,19 @@ def abstract_state(
   return abstract, shardings
 
 
+def init_params_boxed(rng, *, model: nn.Module, batch):
+  """The model's parameters (boxed with their logical axes) from one-row batch shapes."""
+  batch = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), batch)
+  return model.init({"params": rng}, batch, deterministic=True)["params"]
+
+
+def init_params(rng, model: nn.Module, batch, abstract) -> Any:
+  """The model's parameters, initialised directly in the shardings of `abstract`."""
+  init = jax.jit(lambda r: nn.meta.unbox(init_params_boxed(r, model=model, batch=batch)),
+                 out_shardings=jax.tree_util.tree_map(lambda a: a.sharding, abstract))
+  return init(rng)
+
+
 def abstract_params(
     model: nn.Module,
     batch: Mapping[str, jax.ShapeDtypeStruct],
@@ -72,10 +95,8 @@ def abstract_params(
 ):
   """Shapes, dtypes and shardings of the parameters alone (to restore them without the
   optimizer state)."""
-  boxed = jax.eval_shape(
-      lambda rng: model.init({"params": rng}, jax.tree_util.tree_map(
-          lambda s: jnp.zeros(s.shape, s.dtype), batch), deterministic=True)["params"],
-      jax.random.key(0))
+  boxed = jax.eval_shape(functools.partial(init_params_boxed, model=model, batch=batch),
+                         jax.random.key(0))
   shardings = rules_lib.logical_shardings(boxed, mesh, rules)
   plain = jax.tree_util.tree_map(
       lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed,
@@ -91,10 +112,12 @@ def init_state(
     tx: optax.GradientTransformation,
     batch: Mapping[str, jax.ShapeDtypeStruct],
     shardings: TrainState,
+    select: Select | None = None,
 ) -> TrainState:
   """Initialises parameters and optimizer state directly in their shardings."""
   init = jax.jit(
-      functools.partial(_init, model=model, tx=tx, batch=batch), out_shardings=shardings
+      functools.partial(_init, model=model, tx=tx, batch=batch, select=select),
+      out_shardings=shardings
   )
   return init(rng)
 

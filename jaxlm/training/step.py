@@ -4,7 +4,8 @@ Static pieces (model, objectives, optimizer) are bound with `functools.partial` 
 what changes per call (state, batch, rng) is an argument. The step never names an objective.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -16,6 +17,8 @@ from jaxlm.parallel import axes
 from jaxlm.training.state import TrainState
 
 Metrics = dict[str, jax.Array]
+# (trained params, frozen params) -> the parameters the model runs on (fine-tuning with LoRA).
+Merge = Callable[[Any, Any], Any]
 
 
 def objective_losses(
@@ -35,12 +38,14 @@ def train_step(
     state: TrainState,
     batch: Mapping[str, jax.Array],
     rng: jax.Array,
+    frozen: Any = None,
     *,
     model: nn.Module,
     objectives: Sequence[Objective],
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     microbatches: int = 1,
+    merge: Merge | None = None,
 ) -> tuple[TrainState, Metrics]:
   """One optimizer step. A step with a non-finite loss or gradient changes nothing but `step`.
 
@@ -50,12 +55,16 @@ def train_step(
 
   The skip is a select, not a scaled update: 0 x NaN is NaN, and optax.apply_if_finite would
   eventually apply a bad update. The loop counts skips and stops the run.
+
+  With `merge`, `state.params` are only what trains (LoRA's adapters and the new head) and the
+  model runs on `merge(state.params, frozen)`; gradients and optimizer state cover only them.
   """
   dropout_rng = jax.random.fold_in(rng, state.step)
 
   def loss_fn(params, batch, dropout_rng):
     outputs = model.apply(
-        {"params": params}, batch, deterministic=False, rngs={"dropout": dropout_rng}
+        {"params": merge(params, frozen) if merge else params}, batch, deterministic=False,
+        rngs={"dropout": dropout_rng}
     )
     return objective_losses(objectives, outputs, batch)
 
@@ -126,12 +135,15 @@ def _accumulate(grad_fn, params, batch, dropout_rng, microbatches: int):
 def eval_step(
     params,
     batch: Mapping[str, jax.Array],
+    frozen: Any = None,
     *,
     model: nn.Module,
     objectives: Sequence[Objective],
+    merge: Merge | None = None,
 ) -> Metrics:
   """Objective metrics on one batch without dropout, as sums and counts to add up over batches."""
-  outputs = model.apply({"params": params}, batch, deterministic=True)
+  outputs = model.apply({"params": merge(params, frozen) if merge else params}, batch,
+                        deterministic=True)
   loss, aux = objective_losses(objectives, outputs, batch)
   metrics = {"loss/sum": loss, "loss/count": jnp.ones((), jnp.float32)}
   for name, (total, count) in aux.items():

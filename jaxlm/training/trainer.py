@@ -1,0 +1,269 @@
+"""The reusable trainer: one loop for pretraining and fine-tuning.
+
+A `Task` says what differs between them (the model and objectives, the data, where parameters
+start and which of them train); `fit` does the rest the same way for both: the mesh and
+shardings, resume from the newest good checkpoint, the jitted step, log rows, periodic
+evaluation, checkpoints and preemption.
+
+Resume order: the newest checkpoint in `<workdir>/checkpoints` that restores, else a fresh
+start. The data position is the step (the loaders are pure functions of it), so restoring the
+state restores the data stream too.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+from absl import logging
+from tqdm import tqdm
+
+from jaxlm import config as config_lib
+from jaxlm.data import setup as data_setup, shards
+from jaxlm.errors import UserError
+from jaxlm.objectives import Objective
+from jaxlm.parallel import mesh as mesh_lib, rules as rules_lib
+from jaxlm.training import checkpoints, evaluation, flops, optimizer, preemption, provenance
+from jaxlm.training import state as state_lib, step as step_lib, workdir as workdir_lib
+from jaxlm.training.interval import Interval, account
+from jaxlm.training.metrics import MetricWriter
+
+
+@dataclasses.dataclass
+class Trainable:
+  """Which parameters train. The default, all of them; LoRA: adapters and the new head, with
+  the rest frozen and passed to the step beside the state (never in the optimizer or the
+  checkpoint)."""
+
+  # (rng, the model's boxed parameters) -> the boxed parameters that train.
+  select: state_lib.Select | None = None
+  # (trained, frozen) -> the parameters the model runs on.
+  merge: step_lib.Merge | None = None
+
+
+@dataclasses.dataclass
+class Task:
+  """What a run trains and on what: everything in which pretraining and fine-tuning differ."""
+
+  model: nn.Module
+  objectives: Sequence[Objective]
+  train_loader: Any  # `.batch(step)` and `.iterate(start, stop, workers=...)` of host rows.
+  eval_sets: evaluation.EvalSets
+  data_fingerprint: str
+  data_description: dict  # Written to `<workdir>/dataset.json`.
+  flops_per_token: float  # Model FLOPs of one training token, for `mfu` and `model_flops`.
+  # The starting parameters from freshly initialised ones (fine-tuning: the pretrained encoder);
+  # applied on a fresh start, and to the frozen parameters on every start.
+  initial_params: Callable[[Any], Any] | None = None
+  trainable: Trainable = dataclasses.field(default_factory=Trainable)
+  extra_position: dict = dataclasses.field(default_factory=dict)  # Saved with checkpoints.
+
+
+def seed_keys(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+  """The parameter-init and dropout keys, from `seeds.init` and `seeds.dropout` (the data seed
+  goes to the loader). With both derived from train.seed they are the keys used before the
+  seeds were split, so existing runs give the same numbers."""
+  seeds = config_lib.resolved_seeds(config)
+  return (jax.random.fold_in(jax.random.key(seeds["init"]), 0),
+          jax.random.fold_in(jax.random.key(seeds["dropout"]), 1))
+
+
+def make_mesh(config: ml_collections.ConfigDict, process_count: int) -> jax.sharding.Mesh:
+  """The run's mesh, checked against the processes and the batch it must split."""
+  t, d = config.train, config.data
+  mesh = mesh_lib.make_mesh(config.mesh)
+  if (mesh.shape["data"] * mesh.shape["fsdp"]) % process_count:
+    raise UserError(
+        f"mesh.data x mesh.fsdp ({mesh.shape['data'] * mesh.shape['fsdp']}) must be a multiple "
+        f"of the {process_count} processes, so that each process feeds whole batch shards."
+    )
+  batch_ways = mesh.shape["data"] * mesh.shape["fsdp"] * t.microbatches
+  if d.batch_size % batch_ways:
+    raise UserError(
+        f"data.batch_size ({d.batch_size}) is not divisible by the data-parallel devices times "
+        f"the micro-batches (mesh.data x mesh.fsdp x train.microbatches = {batch_ways}). Use a "
+        f"multiple of {batch_ways}."
+    )
+  return mesh
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def fit(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str, float]:
+  """Trains (or resumes) `task` as `config.train` and `config.optimizer` say; returns the last
+  row (training and eval metrics)."""
+  process_count = jax.process_count()
+  is_main = jax.process_index() == 0
+  t, d = config.train, config.data
+  mesh = make_mesh(config, process_count)
+  rules = rules_lib.rules_from_config(config.mesh)
+  model, objectives, trainable = task.model, task.objectives, task.trainable
+  tx, schedule = optimizer.make_optimizer(config.optimizer, t.steps)
+  first = task.train_loader.batch(0)
+  global_shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * process_count,) + v.shape[1:], v.dtype)
+                   for k, v in first.items()}
+  init_batch = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype) for k, v in first.items()}
+  batch_sharding = rules_lib.batch_sharding(mesh, rules)
+  replicated = rules_lib.replicated(mesh)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    # Made under the mesh, as every array the step takes: on several processes a key made
+    # outside it is process-local and cannot be placed on the global mesh.
+    init_rng, dropout_rng = seed_keys(config)
+    abstract, shardings = state_lib.abstract_state(model, tx, init_batch, mesh, rules,
+                                                   select=trainable.select)
+    workdir_lib.check_disk_space(workdir, abstract)
+    frozen = None
+    if trainable.merge is not None:  # Rebuilt identically on every start, never saved.
+      frozen_abstract = state_lib.abstract_params(model, init_batch, mesh, rules)
+      frozen = state_lib.init_params(init_rng, model, init_batch, frozen_abstract)
+      if task.initial_params:
+        frozen = task.initial_params(frozen)
+    checkpointer = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                            keep=t.keep_checkpoints)
+    restored = checkpointer.restore_newest(abstract)
+    position: dict = {}
+    if restored is None:
+      state = state_lib.init_state(init_rng, model, tx, init_batch, shardings,
+                                   select=trainable.select)
+      if task.initial_params and trainable.merge is None:
+        state = state.replace(params=task.initial_params(state.params))
+      start = 0
+    else:
+      state, position = restored
+      start = int(state.step)
+      data_setup.check_fingerprint(position.get("data_fingerprint"), task.data_fingerprint,
+                                   d.allow_data_change)
+      if position.get("global_batch_size") != d.batch_size:
+        logging.warning("Resuming with data.batch_size %d, saved with %s: the data stream moves.",
+                        d.batch_size, position.get("global_batch_size"))
+      logging.info("Resumed from the checkpoint at step %d", start)
+    if is_main:  # After the check above: a refused resume leaves the records as they were.
+      previous = provenance.last_start(workdir) if restored is not None else None
+      previous_steps = previous["config"]["train"]["steps"] if previous else None
+      for warning in (config_lib.recipe_warnings(config)
+                      + config_lib.resume_warnings(config, previous_steps)):
+        logging.warning("Recipe: %s", warning)
+      shards.write_json(os.path.join(workdir, data_setup.DATASET_FILE), task.data_description)
+      provenance.append_start(workdir, config, start_step=start,
+                              data_fingerprint=task.data_fingerprint)
+    trained_count = sum(x.size for x in jax.tree_util.tree_leaves(abstract.params))
+    logging.info(
+        "Trained parameters: %d (%.1f MiB per device)%s; optimizer state: %.1f MiB per "
+        "device; mesh %s", trained_count, state_lib.bytes_per_device(state.params) / 2**20,
+        f", frozen: {sum(x.size for x in jax.tree_util.tree_leaves(frozen))}"
+        if frozen is not None else "",
+        state_lib.bytes_per_device(state.opt_state) / 2**20, dict(mesh.shape))
+
+    frozen_sharding = (None if frozen is None
+                       else jax.tree_util.tree_map(lambda x: x.sharding, frozen))
+    train_fn = jax.jit(
+        functools.partial(step_lib.train_step, model=model, objectives=objectives, tx=tx,
+                          schedule=schedule, microbatches=t.microbatches, merge=trainable.merge),
+        in_shardings=(shardings, batch_sharding, replicated, frozen_sharding),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+    evaluate = evaluation.Evaluator(model, objectives, task.eval_sets,
+                                    params_sharding=shardings.params,
+                                    batch_sharding=batch_sharding, replicated=replicated,
+                                    merge=trainable.merge)
+    dropout_rng = jax.device_put(dropout_rng, replicated)
+    compile_start = time.perf_counter()
+    train_compiled = train_fn.lower(abstract, global_shapes, dropout_rng, frozen).compile()
+    logging.info("Train step compiled in %.1f s", time.perf_counter() - compile_start)
+
+    tokens_per_step = d.batch_size * d.seq_len
+    flops_per_token = task.flops_per_token
+    peak = flops.peak_flops_per_device(t.peak_tflops_per_device) * jax.device_count()
+
+    stop = preemption.StopRequest(checkpointer.reached_preemption, process_count > 1)
+    writer = MetricWriter(workdir, resume_step=start, enabled=is_main)
+    # The partial log interval and skip count travel with the checkpoint, so the rows of a
+    # resumed run equal those of an uninterrupted one.
+    interval = Interval(position.get("interval"))
+    consecutive_skips = int(position.get("consecutive_skips", 0))
+    # Cumulative counts of logged intervals (the open interval travels in `interval`).
+    predicted_tokens = float(position.get("predicted_tokens", 0.0))
+    token_objectives = [o.name for o in objectives if o.perplexity]
+    last_row: dict[str, float] = {}
+    pending = None
+    interactive = is_main and sys.stderr.isatty()
+    progress = tqdm(total=t.steps, initial=start, disable=not interactive, unit="step",
+                    dynamic_ncols=True)
+    try:
+      for step, host_batch in task.train_loader.iterate(start, t.steps, workers=d.workers):
+        batch = evaluation.global_batch(host_batch, batch_sharding, process_count)
+        state, metrics = train_compiled(state, batch, dropout_rng, frozen)
+        if pending is not None:
+          consecutive_skips = account(interval, pending, consecutive_skips, t, checkpointer)
+        pending = metrics
+        done = step + 1
+        progress.update(1)
+        if done == 1 or done % t.log_every == 0 or done == t.steps:
+          consecutive_skips = account(interval, pending, consecutive_skips, t, checkpointer)
+          pending = None
+          elapsed = time.perf_counter() - interval.started
+          tokens_per_sec = interval.timed_steps * tokens_per_step / max(elapsed, 1e-9)
+          row = evaluation.ratios(interval.sums)
+          row.update(
+              learning_rate=interval.last["learning_rate"],
+              tokens_per_sec=tokens_per_sec,
+              mfu=flops_per_token * tokens_per_sec / peak if peak else 0.0,
+              skipped_steps=interval.skipped,
+          )
+          row.pop("skipped", None)
+          for name in token_objectives:
+            count = interval.sums.get(f"{name}_loss/count", 0.0)
+            predicted_tokens += count
+            row[f"{name}_predicted_per_step"] = count / max(interval.steps, 1)
+          row.update(tokens_seen=done * tokens_per_step, predicted_tokens=predicted_tokens,
+                     model_flops=done * tokens_per_step * flops_per_token)
+          writer.write(done, row)
+          last_row = row
+          progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
+          if not interactive:  # A log line instead of a bar when stderr is a file.
+            logging.info("step %d/%d: loss %.4f, %s tokens/s", done, t.steps, row["loss"],
+                         f"{tokens_per_sec:,.0f}")
+          interval.reset()
+        if done % t.eval_every == 0 or done == t.steps:
+          eval_started = time.perf_counter()
+          eval_row = evaluate(state.params, frozen)
+          writer.write(done, {**eval_row, "tokens_seen": done * tokens_per_step,
+                              "model_flops": done * tokens_per_step * flops_per_token})
+          last_row = {**last_row, **eval_row}
+          logging.info("step %d: %s", done, json.dumps({k: round(v, 4) for k, v in eval_row.items()}))
+          interval.started += time.perf_counter() - eval_started  # Not training time.
+        stopping = stop.should_stop(done)
+        if done % t.checkpoint_every == 0 or done == t.steps or stopping:
+          if pending is not None:
+            consecutive_skips = account(interval, pending, consecutive_skips, t, checkpointer)
+            pending = None
+          stalled = checkpointer.save(done, state, {
+              "step": done, "global_batch_size": d.batch_size, "interval": interval.to_json(),
+              "data_fingerprint": task.data_fingerprint,
+              "consecutive_skips": consecutive_skips, "predicted_tokens": predicted_tokens,
+              **task.extra_position})
+          logging.info("Checkpoint of step %d started; the loop waited %.2f s", done, stalled)
+        if stopping:
+          logging.warning("Stopped at step %d on request; the checkpoint holds it. Run the "
+                          "same command to continue.", done)
+          break
+      checkpointer.wait()
+    finally:
+      stop.restore()
+      progress.close()
+      writer.close()
+      checkpointer.close()
+  return last_row
