@@ -63,7 +63,7 @@ def recipe_warnings(config: ml_collections.ConfigDict) -> list[str]:
     found.append(
         f"optimizer.warmup_steps ({o.warmup_steps}) >= train.steps ({t.steps}): the learning "
         f"rate never reaches its peak {o.learning_rate:g} and its decay never starts.")
-  mlm = config.objectives.get("mlm")
+  mlm = config.get("objectives", {}).get("mlm")
   if mlm is not None and mlm.weight > 0 and mlm.max_predictions_per_seq != -1:
     wanted = mlm.mask_rate * d.seq_len
     if mlm.max_predictions_per_seq < 0.9 * wanted:

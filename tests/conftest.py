@@ -79,3 +79,40 @@ def prepared_corpus(tmp_path_factory, tokenizer):
   prepare.prepare(prepare.PrepareOptions(inputs=setup.default_corpus_path(), output=output,
                                          tokenizer=tokenizer.path, eval_fraction=0.05))
   return shards.PreparedData(output)
+
+
+def make_run_folder(workdir, config, tokenizer_path, *, step=0, seed=0):
+  """A run folder as training leaves it (`config.json`, `tokenizer.model`, `checkpoints/<step>`)
+  holding freshly initialised parameters: for tests of what reads runs (predict, evaluate,
+  export), with no training. Returns `workdir`."""
+  import shutil
+
+  import flax.linen as nn
+  import jax
+
+  from jaxlm.models import ModelConfig, Pretrainer
+  from jaxlm.objectives import DataSpec, build_objectives
+  from jaxlm.parallel import rules as rules_lib
+  from jaxlm.training import checkpoints, optimizer, pretrained, state as state_lib
+
+  workdir = str(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, pretrained.CONFIG_FILE), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  shutil.copy(tokenizer_path, os.path.join(workdir, setup.TOKENIZER_FILE))
+  tokenizer = tokenizer_lib.Tokenizer(tokenizer_path)
+  spec = DataSpec(vocab_size=tokenizer.vocab_size, seq_len=config.data.seq_len,
+                  word_start=tokenizer.word_start)
+  objectives = build_objectives(config.objectives, spec, config.get("eval"))
+  model = Pretrainer.for_objectives(ModelConfig.from_config(config.model), objectives)
+  mesh, rules = pretrained.inference_mesh(config), rules_lib.rules_from_config(config.mesh)
+  tx, _ = optimizer.make_optimizer(config.optimizer, config.train.steps)
+  batch = pretrained.model_inputs(objectives, config.data.seq_len)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    _, shardings = state_lib.abstract_state(model, tx, batch, mesh, rules)
+    state = state_lib.init_state(jax.random.key(seed), model, tx, batch, shardings)
+    checkpointer = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1)
+    checkpointer.save(step, state, {})
+    checkpointer.wait()
+    checkpointer.close()
+  return workdir

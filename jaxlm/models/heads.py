@@ -85,3 +85,21 @@ class NspHead(nn.Module):
     c = self.config
     logits_B2 = init.dense(c, 2, (axes.EMBED, axes.CLASSES), "classifier")(encoded.pooled_BD)
     return logits_B2.astype(jnp.float32)
+
+
+class ClassificationHead(nn.Module):
+  """Sequence classification for fine-tuning: pooled [CLS] -> dropout -> `num_classes` float32
+  logits. Pretrainer builds heads as `head(config, name=...)`, so a run passes
+  `functools.partial(ClassificationHead, num_classes=C)`."""
+
+  config: ModelConfig
+  num_classes: int
+
+  @nn.compact
+  def __call__(
+      self, encoded: EncoderOutput, batch: Mapping[str, jax.Array], deterministic: bool
+  ) -> jax.Array:
+    c = self.config
+    h_BD = nn.Dropout(c.dropout_rate)(encoded.pooled_BD, deterministic=deterministic)
+    logits_BC = init.dense(c, self.num_classes, (axes.EMBED, axes.CLASSES), "classifier")(h_BD)
+    return logits_BC.astype(jnp.float32)

@@ -2,3 +2,4 @@
 
 from jaxlm.objectives.base import DataSpec, Objective, build_objectives
 from jaxlm.objectives import clm, mlm, nsp, plm  # noqa: F401  (registers them)
+from jaxlm.objectives.classify import Classify  # noqa: F401  (fine-tuning; not registered)

@@ -178,7 +178,8 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
     raise UserError(f"There is no checkpoints folder at {directory}: --workdir must be the "
                     "folder of a jaxlm training run that saved at least one checkpoint.")
   manager = ocp.CheckpointManager(
-      os.path.abspath(directory), item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+      os.path.abspath(directory),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
       options=ocp.CheckpointManagerOptions(read_only=True))
   steps = sorted(manager.all_steps())
   if not steps:

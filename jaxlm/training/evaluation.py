@@ -127,8 +127,10 @@ def format_table(row: Mapping[str, float]) -> str:
                   if k.startswith("eval/") and k.endswith("_loss")})
   lines = [f"step {int(row['step'])}: eval/loss {row['eval/loss']:.4f}",
            f"{'objective':<12}{'loss':>10}{'accuracy':>10}{'perplexity':>12}"]
+  def cell(key, fmt):
+    return format(row[key], fmt) if key in row else "-"
+
   for name in names:
-    cell = lambda key, fmt: (format(row[key], fmt) if key in row else "-")
     lines.append(f"{name:<12}{cell(f'eval/{name}_loss', '.4f'):>10}"
                  f"{cell(f'eval/{name}_accuracy', '.4f'):>10}"
                  f"{cell(f'eval/{name}_perplexity', '.2f'):>12}")

@@ -11,7 +11,8 @@ from jaxlm.errors import UserError
 # silent default. Weight matrices and embedding tables decay (BERT, XLNet). LayerNorm scales,
 # biases, relative attention's per-head biases (Transformer-XL's u and v) and the query stream's
 # single start vector do not: they are offsets, not weights, and decay would only pull them to 0.
-_DECAYED_NAMES = frozenset({"kernel", "embedding"})
+# `a` and `b`: LoRA's low-rank factors (training/lora.py), decayed as the kernels they adapt.
+_DECAYED_NAMES = frozenset({"kernel", "embedding", "a", "b"})
 _UNDECAYED_NAMES = frozenset({"bias", "scale", "content_bias", "position_bias", "query_start"})
 
 

@@ -102,7 +102,8 @@ def load(workdir: str, step: int | None = None,
   mesh = inference_mesh(config)
   rules = rules_lib.rules_from_config(config.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract = state_lib.abstract_params(model, model_inputs(objectives, config.data.seq_len), mesh, rules)
+    abstract = state_lib.abstract_params(model, model_inputs(objectives, config.data.seq_len),
+                                         mesh, rules)
   params, step = checkpoints.restore_params(os.path.join(workdir, "checkpoints"), abstract, step)
   return Pretrained(config=config, model_config=model_config, objectives=objectives, model=model,
                     params=params, tokenizer=tokenizer, step=step, mesh=mesh, rules=rules)

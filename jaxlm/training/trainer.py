@@ -243,7 +243,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str
           writer.write(done, {**eval_row, "tokens_seen": done * tokens_per_step,
                               "model_flops": done * tokens_per_step * flops_per_token})
           last_row = {**last_row, **eval_row}
-          logging.info("step %d: %s", done, json.dumps({k: round(v, 4) for k, v in eval_row.items()}))
+          logging.info("step %d: %s", done,
+                       json.dumps({k: round(v, 4) for k, v in eval_row.items()}))
           interval.started += time.perf_counter() - eval_started  # Not training time.
         stopping = stop.should_stop(done)
         if done % t.checkpoint_every == 0 or done == t.steps or stopping:
