@@ -65,6 +65,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.seeds = ml_collections.ConfigDict(dict(init=-1, data=-1, dropout=-1))
 
   config.model = models.bert("base")
+  # Start from a Hugging Face folder (one `python -m jaxlm.export` wrote, or a BERT /
+  # RoBERTa-PreLayerNorm checkpoint): its sizes replace config.model's, its weights the fresh
+  # initialisation (heads it lacks start fresh), its tokenizer.model becomes data.tokenizer.
+  config.init_from_hf = ""
   # BERT's optimizer with a warm-up sized to this file's 1,000 steps (BERT's own 10,000 belong to
   # its 1M steps: experiments/bert_base.py).
   config.optimizer = optimizers.adamw_bert(warmup_steps=100)

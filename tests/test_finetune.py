@@ -159,3 +159,41 @@ def test_cli(repo_root, source, task_paths, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   rows = read_metrics(str(tmp_path / "run"))
   assert "eval/accuracy" in rows[2] and "eval/f1" in rows[2]
+
+
+def test_init_from_hf_starts_pretraining_and_finetuning_from_an_export(source, task_paths,
+                                                                       tmp_path):
+  """A jaxlm export read back by `--config.init_from_hf`: the same encoder for fine-tuning, and
+  the same encoder and heads for pretraining (with the folder's sizes and tokenizer)."""
+  pytest.importorskip("transformers")  # The `hf` extra; CI installs it.
+  from jaxlm import export
+  from jaxlm.models import ModelConfig, Pretrainer
+  from jaxlm.training import loop, state as state_lib
+
+  folder = str(tmp_path / "hf")
+  export.export_run(source, folder)
+  run = pretrained.load(source)
+  want = dict(jax.tree_util.tree_flatten_with_path(run.params)[0])
+
+  config = _config(source, task_paths)
+  config.init_from, config.init_from_hf = "", folder
+  task = finetuning.finetuning_task(config, str(tmp_path))
+  started = task.initial_params({"encoder": run.params["encoder"], "classify": {}})
+  for path, got in jax.tree_util.tree_flatten_with_path(started["encoder"])[0]:
+    full_path = (jax.tree_util.DictKey("encoder"),) + path
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want[full_path]), str(path))
+
+  config = _pretraining_config()
+  config.model.hidden_size = 64  # Replaced by the folder's.
+  config.init_from_hf = folder
+  hook = loop._from_hf(config)
+  assert config.model.hidden_size == 32
+  assert config.data.tokenizer.endswith("tokenizer.model")
+  model = Pretrainer.for_objectives(ModelConfig.from_config(config.model), run.objectives)
+  batch = pretrained.model_inputs(run.objectives, config.data.seq_len)
+  abstract = state_lib.abstract_params(model, batch, run.mesh, run.rules)
+  with jax.set_mesh(run.mesh):
+    fresh = state_lib.init_params(jax.random.key(7), model, batch, abstract)
+    started = hook(fresh)
+  for path, got in jax.tree_util.tree_flatten_with_path(started)[0]:
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want[path]), str(path))
