@@ -32,7 +32,6 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from jaxlm.data import loader as loader_lib
-from jaxlm.data import random as random_lib
 from jaxlm.data.tokenizer import CLS_ID, PAD_ID, SEP_ID, Tokenizer
 from jaxlm.errors import UserError, closest
 
@@ -325,8 +324,31 @@ def load_set(path: str, tokenizer: Tokenizer, seq_len: int,
                      fingerprint, description)
 
 
-class LabelledLoader:
-  """`BatchLoader`'s interface over a `LabelledSet`: this process's rows of each global batch.
+class LabelledRows:
+  """A `LabelledSet` as the format a `BatchLoader` reads: example i is the file's row i."""
+
+  def __init__(self, data: LabelledSet):
+    self.data, self.seq_len = data, data.seq_len
+
+  def __len__(self) -> int:
+    return len(self.data)
+
+  def examples(self, indices: np.ndarray, keys: np.ndarray) -> Batch:
+    d = self.data
+    return {"input_ids": d.input_ids[indices].astype(np.int32),
+            "token_type_ids": d.token_type_ids[indices].astype(np.int32),
+            "labels": d.labels[indices].astype(np.int32),
+            "label_weights": np.ones(len(indices), np.float32)}
+
+  def padding(self, rows: int) -> Batch:
+    """Rows of weight 0 that fill the last eval batch."""
+    return {"input_ids": np.full((rows, self.seq_len), PAD_ID, np.int32),
+            "token_type_ids": np.zeros((rows, self.seq_len), np.int32),
+            "labels": np.zeros(rows, np.int32), "label_weights": np.zeros(rows, np.float32)}
+
+
+class LabelledLoader(loader_lib.BatchLoader):
+  """The pretraining loader over a `LabelledSet`: this process's rows of each global batch.
 
   `train=True`: an endless stream, reshuffled each epoch by a permutation keyed by (seed, epoch),
   so `batch(step)` depends on the step alone and a resumed run sees the same batches.
@@ -336,21 +358,11 @@ class LabelledLoader:
 
   def __init__(self, data: LabelledSet, *, global_batch_size: int, train: bool, seed: int = 0,
                process_index: int = 0, process_count: int = 1):
-    if global_batch_size % process_count:
-      raise ValueError(f"batch {global_batch_size} does not split over {process_count} hosts")
+    super().__init__(LabelledRows(data), global_batch_size=global_batch_size, transforms=(),
+                     seed=seed, stream_id=loader_lib.TRAIN_STREAM, process_index=process_index,
+                     process_count=process_count, num_examples=None if train else len(data),
+                     shuffle=train)
     self.data = data
-    self.train = train
-    self._batch, self._seed = global_batch_size, seed
-    self.epoch_size = len(data)
-    self.num_examples = None if train else len(data)
-    per_process = global_batch_size // process_count
-    self._rows = np.arange(per_process * process_index, per_process * (process_index + 1))
-    self._permutations: dict[int, random_lib.IndexPermutation] = {}
-
-  @property
-  def steps(self) -> int | None:
-    """Batches in the fixed eval set (None for the endless training stream)."""
-    return None if self.train else -(-len(self.data) // self._batch)
 
   @property
   def fingerprint(self) -> str:
@@ -359,45 +371,3 @@ class LabelledLoader:
   @property
   def description(self) -> dict:
     return self.data.description
-
-  def _permutation(self, epoch: int) -> random_lib.IndexPermutation:
-    if epoch not in self._permutations:
-      if len(self._permutations) > 4:
-        self._permutations.clear()
-      self._permutations[epoch] = random_lib.IndexPermutation(
-          self.epoch_size, int(random_lib.row_keys(self._seed, loader_lib.TRAIN_STREAM, epoch)))
-    return self._permutations[epoch]
-
-  def example_indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """Global row numbers of this process's rows, and their examples (-1: a padding row)."""
-    g = step * self._batch + self._rows
-    if not self.train:
-      return g, np.where(g < len(self.data), g, -1)
-    epochs = g // self.epoch_size
-    examples = np.empty_like(g)
-    for epoch in np.unique(epochs):
-      hit = epochs == epoch
-      examples[hit] = self._permutation(int(epoch))(g[hit] % self.epoch_size)
-    return g, examples
-
-  def batch(self, step: int) -> Batch:
-    """This process's rows of the global batch of `step`."""
-    _, examples = self.example_indices(step)
-    real = examples >= 0
-    index = np.where(real, examples, 0)
-    d = self.data
-    return {
-        "input_ids": np.where(real[:, None], d.input_ids[index], PAD_ID).astype(np.int32),
-        "token_type_ids": np.where(real[:, None], d.token_type_ids[index], 0).astype(np.int32),
-        "labels": np.where(real, d.labels[index], 0).astype(np.int32),
-        "label_weights": real.astype(np.float32),
-    }
-
-  def iterate(self, start_step: int, stop_step: int, prefetch: int = 2,
-              workers: int = 0) -> Iterator[tuple[int, Batch]]:
-    """Yields `(step, batch)` from `start_step`, built ahead in a thread, or with `workers` > 0
-    in that many processes, as `BatchLoader.iterate` (whose machinery this reuses)."""
-    if workers > 0:
-      return loader_lib._from_processes(self, start_step, stop_step, workers, max(prefetch, 1))
-    batches = ((s, self.batch(s)) for s in range(start_step, stop_step))
-    return loader_lib._prefetch(batches, prefetch) if prefetch else batches

@@ -47,8 +47,10 @@ class BatchLoader:
       process_index: int = 0,
       process_count: int = 1,
       num_examples: int | None = None,
+      shuffle: bool = True,
   ):
-    """`num_examples` makes a fixed set (eval): that many examples, then padding, no epochs."""
+    """`num_examples` makes a fixed set (eval): that many examples, then padding, no epochs.
+    `shuffle=False` takes the examples in their order (a labelled eval file, line by line)."""
     if global_batch_size % process_count:
       raise ValueError(f"batch {global_batch_size} does not split over {process_count} hosts")
     self.format = fmt
@@ -60,6 +62,7 @@ class BatchLoader:
     per_process = global_batch_size // process_count
     self._rows = np.arange(per_process * process_index, per_process * (process_index + 1))
     self._permutations: dict[int, random_lib.IndexPermutation] = {}
+    self._shuffle = shuffle
 
   @property
   def steps(self) -> int | None:
@@ -77,6 +80,8 @@ class BatchLoader:
   def example_indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     """Global example numbers of this process's rows, and their examples in the format."""
     g = step * self._batch + self._rows
+    if not self._shuffle:
+      return g, g % self.epoch_size
     epochs = g // self.epoch_size
     examples = np.empty_like(g)
     for epoch in np.unique(epochs):

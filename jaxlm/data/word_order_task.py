@@ -19,15 +19,23 @@ import numpy as np
 from jaxlm.data import setup, text
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
+_NOT_WORD = re.compile(r"[^\w\s]+")
+
+
+def plain(sentence: str) -> str:
+  """Lower case without punctuation: a capital or a full stop in the middle would give a
+  shuffled sentence away without any knowledge of word order."""
+  return " ".join(_NOT_WORD.sub(" ", sentence).lower().split())
 
 
 def sentences(paragraphs: list[str], min_words: int, max_words: int) -> list[str]:
-  """Sentences of `min_words`..`max_words` words, in reading order."""
+  """Sentences of `min_words`..`max_words` words, in reading order, made `plain`."""
   out = []
   for paragraph in paragraphs:
     for sentence in _SENTENCE_END.split(paragraph):
+      sentence = plain(sentence)
       if min_words <= len(sentence.split()) <= max_words:
-        out.append(sentence.strip())
+        out.append(sentence)
   return out
 
 
