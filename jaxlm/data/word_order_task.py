@@ -23,17 +23,19 @@ _NOT_WORD = re.compile(r"[^\w\s]+")
 
 
 def plain(sentence: str) -> str:
-  """Lower case without punctuation: a capital or a full stop in the middle would give a
-  shuffled sentence away without any knowledge of word order."""
+  """Lower case without punctuation (`--plain`): a capital or a full stop in the middle gives a
+  shuffled sentence away without any knowledge of word order, so only the plain task measures
+  what pretraining taught (README: a 300-step character-level model has not learnt enough)."""
   return " ".join(_NOT_WORD.sub(" ", sentence).lower().split())
 
 
-def sentences(paragraphs: list[str], min_words: int, max_words: int) -> list[str]:
-  """Sentences of `min_words`..`max_words` words, in reading order, made `plain`."""
+def sentences(paragraphs: list[str], min_words: int, max_words: int,
+              make_plain: bool = False) -> list[str]:
+  """Sentences of `min_words`..`max_words` words, in reading order (made `plain` if asked)."""
   out = []
   for paragraph in paragraphs:
     for sentence in _SENTENCE_END.split(paragraph):
-      sentence = plain(sentence)
+      sentence = plain(sentence) if make_plain else sentence.strip()
       if min_words <= len(sentence.split()) <= max_words:
         out.append(sentence)
   return out
@@ -51,14 +53,14 @@ def shuffled(sentence: str, rng: np.random.Generator) -> str:
 
 def make_task(input_path: str, output: str, *, train_examples: int = 2000,
               eval_examples: int = 500, eval_every: int = 5, min_words: int = 6,
-              max_words: int = 20, seed: int = 0) -> dict[str, str]:
+              max_words: int = 20, seed: int = 0, make_plain: bool = False) -> dict[str, str]:
   """Writes `train.jsonl` and `eval.jsonl` (balanced `original` / `shuffled`) into `output`."""
   rng = np.random.default_rng(seed)
   pools = {"train": [], "eval": []}
   documents = text.iter_documents(input_path, counts=collections.Counter())
   for index, document in enumerate(documents):
-    pools["eval" if index % eval_every == 0 else "train"] += sentences(document, min_words,
-                                                                       max_words)
+    pools["eval" if index % eval_every == 0 else "train"] += sentences(
+        document, min_words, max_words, make_plain)
   os.makedirs(output, exist_ok=True)
   paths = {}
   for split, size in (("train", train_examples), ("eval", eval_examples)):
@@ -77,10 +79,11 @@ def main(argv: list[str]) -> None:
   args = dict(a.lstrip("-").split("=", 1) for a in argv[1:] if "=" in a)
   if "output" not in args:
     sys.exit("usage: python -m jaxlm.data.word_order_task --output=DIR [--input=CORPUS] "
-             "[--train_examples=2000] [--eval_examples=500]")
+             "[--train_examples=2000] [--eval_examples=500] [--plain=1]")
   paths = make_task(args.get("input", setup.default_corpus_path()), args["output"],
                     train_examples=int(args.get("train_examples", 2000)),
-                    eval_examples=int(args.get("eval_examples", 500)))
+                    eval_examples=int(args.get("eval_examples", 500)),
+                    make_plain=args.get("plain", "0") not in ("0", "false", "False"))
   print(json.dumps(paths))
 
 
