@@ -82,8 +82,22 @@ def test_options_take_config_values():
 
 
 def test_groups_expand_to_projections():
-  assert ALL.projections == ("query", "key", "value", "out", "wi", "wo")
-  assert lora.LoraOptions(4, 1.0, ("mlp", "wi", "value")).projections == ("value", "wi", "wo")
+  assert ALL.projections == ("query", "key", "value", "out", "wi", "wi_gate", "wi_up", "wo")
+  assert lora.LoraOptions(4, 1.0, ("mlp", "wi", "value")).projections == (
+      "value", "wi", "wi_gate", "wi_up", "wo")
+
+
+def test_the_mlp_group_finds_gated_projections():
+  """`mlp` adapts what the model's MLP has: wi and wo, or wi_gate, wi_up and wo."""
+  mlp = lora.LoraOptions(2, 1.0, ("mlp",))
+  assert {p[-1] for p in lora.target_paths(_abstract(False), mlp)} == {"wi", "wo"}
+  with pytest.raises(UserError, match="wi_gate"):
+    lora.target_paths(_abstract(False), lora.LoraOptions(2, 1.0, ("wi_gate",)))
+  gated = Pretrainer(dataclasses.replace(CONFIG, mlp_activation="geglu"),
+                     heads=((OBJECTIVE.name, OBJECTIVE.head),))
+  params = jax.eval_shape(lambda r: gated.init({"params": r}, _batch(), deterministic=True),
+                          jax.random.key(0))["params"]
+  assert {p[-1] for p in lora.target_paths(params, mlp)} == {"wi_gate", "wi_up", "wo"}
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["layer_i", "scanned"])

@@ -171,10 +171,14 @@ def test_workdir_records_its_data_and_refuses_other_data(repo_root, resumed, pre
   assert dataset["train"]["tokens"] > 0 and dataset["eval"]["documents"] > 0
   config = _tiny_config(repo_root, steps=70)
   config.data.train_files = prepared_corpus.directory  # Other data (another tokenizer).
+  with open(os.path.join(resumed.workdir, "config.json"), encoding="utf-8") as f:
+    saved = f.read()
   with pytest.raises(UserError, match="trained on other data.*allow_data_change"):
     loop.train_and_evaluate(config, resumed.workdir)
   assert not os.path.isdir(os.path.join(resumed.workdir, "checkpoints", "70"))
   assert len(_run_records(resumed.workdir)) == 2  # A refused start leaves no record.
+  with open(os.path.join(resumed.workdir, "config.json"), encoding="utf-8") as f:
+    assert f.read() == saved  # Nor a config that evaluate / export would read the run with.
 
 
 def test_read_metrics_merges_rows_per_step(resumed):

@@ -178,7 +178,6 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
   task = finetuning_task(config, workdir)
   with config.unlocked():  # Record the model actually trained, for evaluate/predict/export.
     config.model = ml_collections.ConfigDict(_model_dict(task.model.config))
-  trainer.write_config(config, workdir)
   return trainer.fit(config, workdir, task)
 
 

@@ -73,6 +73,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config_lib.validate(config, jax.process_count())
   initial_params = _from_hf(config) if config.get("init_from_hf") else None
   prepare_workdir(workdir)
-  trainer.write_config(config, workdir)
   trainer.make_mesh(config, jax.process_count())  # Mesh mistakes before data preparation.
   return trainer.fit(config, workdir, pretraining_task(config, workdir, initial_params))

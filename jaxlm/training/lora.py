@@ -36,12 +36,15 @@ PROJECTIONS: dict[str, tuple[str, int]] = {
     "out": ("attention", 2),  # [H, K, D]
     "position": ("attention", 1),  # [D, H, K], relative attention only.
     "wi": ("mlp", 1),  # [D, F]
+    "wi_gate": ("mlp", 1),  # [D, F], gated MLPs (model.mlp_activation geglu / swiglu) only.
+    "wi_up": ("mlp", 1),  # [D, F], gated MLPs only.
     "wo": ("mlp", 1),  # [F, D]
 }
-# Shorthands a target list may use.
+# Shorthands a target list may use; a group needs only one member in the model (the MLP has
+# `wi`, or `wi_gate` and `wi_up`).
 GROUPS: dict[str, tuple[str, ...]] = {
     "attention": ("query", "key", "value", "out"),
-    "mlp": ("wi", "wo"),
+    "mlp": ("wi", "wi_gate", "wi_up", "wo"),
 }
 _LAYER = re.compile(r"layer_\d+|layers")  # Unrolled layers, or the scanned stack.
 
@@ -110,10 +113,13 @@ def target_paths(params: Params, options: LoraOptions) -> list[Path]:
     block = PROJECTIONS[path[-2]][0]
     if path[-3] == block and any(_LAYER.fullmatch(key) for key in path[:-3]):
       found[path[-2]].append(path[:-1])
-  missing = [p for p in wanted if not found[p]]
+  missing = [p for p in wanted if not found[p] and p in options.targets]
+  missing += [g for g in options.targets if g in GROUPS and not any(found.get(p) for p in
+                                                                      GROUPS[g])]
   if missing:
-    raise UserError(f"LoRA targets {missing} match no kernel of this model's layers ('position' "
-                    "exists with model.position_encoding='relative' only). Remove them.")
+    raise UserError(f"LoRA targets {missing} match no kernel of this model's layers "
+                    "('position' exists with model.position_encoding='relative' only; 'wi_gate' "
+                    "and 'wi_up' with a gated model.mlp_activation, 'wi' without). Remove them.")
   return sorted(path for paths in found.values() for path in paths)
 
 

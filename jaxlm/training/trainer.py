@@ -95,9 +95,9 @@ def make_mesh(config: ml_collections.ConfigDict, process_count: int) -> jax.shar
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  """`<workdir>/config.json`: what `evaluate`, `predict` and `export` read the run back with."""
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def fit(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str, float]:
@@ -150,6 +150,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str
                         d.batch_size, position.get("global_batch_size"))
       logging.info("Resumed from the checkpoint at step %d", start)
     if is_main:  # After the check above: a refused resume leaves the records as they were.
+      write_config(config, workdir)
       previous = provenance.last_start(workdir) if restored is not None else None
       previous_steps = previous["config"]["train"]["steps"] if previous else None
       for warning in (config_lib.recipe_warnings(config)
@@ -186,7 +187,9 @@ def fit(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str
 
     tokens_per_step = d.batch_size * d.seq_len
     flops_per_token = task.flops_per_token
-    peak = flops.peak_flops_per_device(t.peak_tflops_per_device) * jax.device_count()
+    # On CPU the measured matmul peak of this host (cached per host), else the datasheet's.
+    peak, peak_source = flops.peak_flops(t.peak_tflops_per_device)
+    logging.info("Peak for MFU: %.3g FLOP/s (%s)", peak, peak_source)
 
     stop = preemption.StopRequest(checkpointer.reached_preemption, process_count > 1)
     writer = MetricWriter(workdir, resume_step=start, enabled=is_main)
@@ -220,7 +223,12 @@ def fit(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str
           row.update(
               learning_rate=interval.last["learning_rate"],
               tokens_per_sec=tokens_per_sec,
-              mfu=flops_per_token * tokens_per_sec / peak if peak else 0.0,
+              # Model FLOPs of the predictions actually made in the interval (MLM's count).
+              mfu=flops.training_flops_per_token(
+                  model.config, d.seq_len, objectives,
+                  {name: interval.sums.get(f"{name}_loss/count", 0.0)
+                   / max(interval.steps * d.batch_size, 1) for name in token_objectives}
+              ) * tokens_per_sec / peak if peak else 0.0,
               skipped_steps=interval.skipped,
           )
           row.pop("skipped", None)
