@@ -37,7 +37,19 @@ def bert(size: str, vocab_size: int = 30522) -> ml_collections.ConfigDict:
           remat_policy="none",
           scan_layers=False,  # nn.scan over layers: compile time flat in depth.
           # absolute: BERT's learned position table; relative: Transformer-XL attention over
-          # sinusoidal query-key offsets (XLNet's), no position table.
+          # sinusoidal query-key offsets (XLNet's), no position table; rope: rotary embeddings
+          # of queries and keys (RoFormer, ModernBERT), no position table.
           position_encoding="absolute",
+          rope_theta=10000.0,  # RoPE's base (read with position_encoding=rope only).
+          # gelu: BERT's MLP; geglu | swiglu: gated MLPs, act(wi_gate h) * wi_up h, with 3
+          # matrices instead of 2: lower mlp_dim (e.g. to 2/3) to keep the FLOPs.
+          mlp_activation="gelu",
+          use_bias=True,  # False: no bias in any dense layer, LayerNorm or the vocab output.
+          norm="layer_norm",  # layer_norm | rms_norm (for every norm; eps is layer_norm_eps).
+          # True: the MLM/LM output projection is the token embedding (BERT); False: its own.
+          tie_output_embedding=True,
+          # True: BERT's dense + GELU + norm before the MLM/LM output; False: logits straight
+          # from the encoder output.
+          mlm_head_transform=True,
       )
   )

@@ -181,12 +181,27 @@ def _entries(c: ModelConfig, family: _Family, *, prefix: str, offset: int, lm_he
 
 
 def check_exportable(c: ModelConfig) -> None:
-  """Raises UserError for a model no BERT / RoBERTa-PreLayerNorm computes."""
+  """Raises UserError, naming the option, for a model no BERT / RoBERTa-PreLayerNorm computes:
+  relative or rotary positions, the modern options of issue 13, heads that do not divide."""
+  if c.position_encoding == "rope":
+    raise UserError(
+        "model.position_encoding is 'rope': rotary embeddings have no counterpart in Hugging "
+        "Face's BERT or RoBERTa-PreLayerNorm, and jaxlm cannot export to ModernBert yet, so this "
+        "run cannot be exported. Export a run trained with model.position_encoding=absolute.")
   if c.position_encoding != "absolute":
     raise UserError(
         f"model.position_encoding is '{c.position_encoding}': Transformer-XL relative attention "
         "has no counterpart in Hugging Face's BERT or RoBERTa-PreLayerNorm, so this run cannot "
         "be exported. Export a run trained with model.position_encoding=absolute.")
+  # The modern options (issue 13), as `(key, BERT's value)`: none has a counterpart in BERT or
+  # RoBERTa-PreLayerNorm (Hugging Face's ModernBert export is not written yet).
+  for key, bert_value in (("mlp_activation", "gelu"), ("use_bias", True), ("norm", "layer_norm"),
+                          ("tie_output_embedding", True), ("mlm_head_transform", True)):
+    if getattr(c, key) != bert_value:
+      raise UserError(
+          f"model.{key} is {getattr(c, key)!r}: Hugging Face's BERT and RoBERTa-PreLayerNorm "
+          f"compute only model.{key}={bert_value!r}, and jaxlm cannot export to ModernBert yet, "
+          "so this run cannot be exported.")
   if c.hidden_size % c.num_heads:
     raise UserError(
         f"model.hidden_size ({c.hidden_size}) is not a multiple of model.num_heads "

@@ -7,6 +7,9 @@ boolean array, so the same module serves bidirectional encoders (padding mask), 
 With `position_encoding="relative"` (Transformer-XL, as in XLNet) a score adds, to the content
 term `(q + u) . k`, a position term `(q + v) . W_r r(i - j)` of sinusoidal encodings `r` of the
 query-key offset, with learned per-head biases `u` (`content_bias`) and `v` (`position_bias`).
+
+With `position_encoding="rope"` (RoFormer) queries and keys are turned by their positions before
+the dot product (`rotary`), so a score depends on the query-key offset only; no parameters.
 """
 
 import flax.linen as nn
@@ -29,7 +32,8 @@ class Projection(nn.Module):
   equation: str
   kernel_shape: tuple[int, ...]
   kernel_axes: tuple[str, ...]
-  bias_axes: tuple[str, ...] | None  # None: no bias (Transformer-XL's position projection).
+  # None: no bias (Transformer-XL's position projection); `model.use_bias=False` drops it too.
+  bias_axes: tuple[str, ...] | None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -37,7 +41,7 @@ class Projection(nn.Module):
     kernel = self.param("kernel", init.weights(c, self.kernel_axes), self.kernel_shape,
                         c.param_dtype)
     y = jnp.einsum(self.equation, x.astype(c.dtype), kernel.astype(c.dtype))
-    if self.bias_axes is None:
+    if self.bias_axes is None or not c.use_bias:
       return y
     bias_shape = self.kernel_shape[-len(self.bias_axes):]
     bias = self.param("bias", init.zeros(self.bias_axes), bias_shape, c.param_dtype)
@@ -57,7 +61,8 @@ class MultiHeadAttention(nn.Module):
       positions: tuple[jax.Array, jax.Array] | None = None,
   ) -> jax.Array:
     """`positions`: `(q_positions_BQ, k_positions_BK)`, the original positions of the queries
-    and keys, read by relative attention only; None means 0..Q-1 and 0..K-1 (then Q == K).
+    and keys, read by relative and rotary attention only; None means 0..Q-1 and 0..K-1 (then
+    Q == K).
 
     A query whose mask row allows no key gets a zero attention output (then only the output
     bias), not the uniform average over every key that a plain masked softmax would give.
@@ -77,6 +82,11 @@ class MultiHeadAttention(nn.Module):
     q_BQHK = project("query")(q_BQD) / jnp.sqrt(c.head_dim).astype(c.dtype)
     k_BKHK = project("key")(kv_BKD)
     v_BKHK = project("value")(kv_BKD)
+    if c.position_encoding == "rope":
+      if positions is None:
+        positions = (jnp.arange(q_BQD.shape[1])[None], jnp.arange(kv_BKD.shape[1])[None])
+      q_BQHK = rotary(q_BQHK, positions[0], c.rope_theta)
+      k_BKHK = rotary(k_BKHK, positions[1], c.rope_theta)
     # Scores and softmax in float32 whatever the compute dtype: bf16 softmax loses mass.
     if c.position_encoding == "relative":
       scores_BHQK = self._relative_scores(q_BQHK, k_BKHK, positions)
@@ -133,6 +143,23 @@ class MultiHeadAttention(nn.Module):
     pick = jax.vmap(lambda x_QR, i_QK: jnp.take_along_axis(x_QR, i_QK, axis=-1),
                     in_axes=(0, None))
     return content_BHQK + jax.vmap(pick)(position_BHQR, index_BQK)
+
+
+def rotary(x_BLHK: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding: the feature pair `(i, i + K/2)` of every head, at position m,
+  turned by the angle `m * theta^(-2i/K)` (the rotate-half layout of GPT-NeoX and Hugging Face's
+  ModernBert). A rotation keeps norms, and `rotary(q, m) . rotary(k, n)` depends on `n - m`
+  only. Computed in float32; `positions_BL` may have a batch of 1 (broadcast).
+  """
+  half = x_BLHK.shape[-1] // 2
+  inverse_frequencies_F = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / (2 * half))
+  angles_BLF = positions_BL.astype(jnp.float32)[..., None] * inverse_frequencies_F
+  cos_BL1F, sin_BL1F = jnp.cos(angles_BLF)[:, :, None], jnp.sin(angles_BLF)[:, :, None]
+  x = x_BLHK.astype(jnp.float32)
+  first, second = x[..., :half], x[..., half:]
+  turned = jnp.concatenate([first * cos_BL1F - second * sin_BL1F,
+                            first * sin_BL1F + second * cos_BL1F], axis=-1)
+  return turned.astype(x_BLHK.dtype)
 
 
 def sinusoidal_offsets(length: int, width: int) -> jax.Array:

@@ -1,6 +1,7 @@
 """Token, position and token-type embeddings, summed, normalised and dropped out (BERT).
 
-With relative position encoding the position table is left out: attention carries positions.
+With relative or rotary position encoding the position table is left out: attention carries
+positions.
 """
 
 import flax.linen as nn
@@ -52,6 +53,6 @@ class Embeddings(nn.Module):
         position_ids_BL = jnp.broadcast_to(jnp.arange(input_ids_BL.shape[1]), input_ids_BL.shape)
       h_BLD = h_BLD + table("position", c.max_position, axes.POSITION)(position_ids_BL)
     h_BLD = h_BLD + table("token_type", c.type_vocab_size, axes.TOKEN_TYPE)(token_type_ids_BL)
-    h_BLD = init.layer_norm(c, name="layer_norm")(h_BLD)
+    h_BLD = init.norm(c, name="layer_norm")(h_BLD)
     h_BLD = nn.Dropout(c.dropout_rate)(h_BLD, deterministic=deterministic)
     return h_BLD, tokens.embedding

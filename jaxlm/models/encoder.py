@@ -135,7 +135,7 @@ class Encoder(nn.Module):
     views = (mask_BHQK, content_positions, query_mask_BHPK, query_positions)
     h_BLD, g_BPD = _layers(c, h_BLD, g_BPD, views, deterministic)
     if c.pre_layer_norm:
-      final_norm = init.layer_norm(c, "final_norm")
+      final_norm = init.norm(c, "final_norm")
       h_BLD = final_norm(h_BLD)
       g_BPD = None if g_BPD is None else final_norm(g_BPD)
     pooled_BD = init.dense(c, c.hidden_size, (axes.EMBED, axes.EMBED_OUT), "pooler")(h_BLD[:, 0])

@@ -12,14 +12,22 @@ from jaxlm.models.config import ModelConfig
 from jaxlm.models.encoder import EncoderOutput
 
 
-def _tied_logits(module: nn.Module, c: ModelConfig, h_BXD: jax.Array,
-                 table_VD: jax.Array) -> jax.Array:
-  """BERT's output transform: dense -> GELU -> LayerNorm -> projection tied to the token
-  embedding + a per-token bias; float32 logits over the vocabulary, for any leading shape."""
-  h_BXD = init.dense(c, c.hidden_size, (axes.EMBED, axes.EMBED_OUT), "transform")(h_BXD)
-  h_BXD = init.layer_norm(c, "layer_norm")(nn.gelu(h_BXD, approximate=False))
-  logits = jnp.einsum("...d,vd->...v", h_BXD, table_VD.astype(c.dtype),
+def _output_logits(module: nn.Module, c: ModelConfig, h_BXD: jax.Array,
+                   table_VD: jax.Array) -> jax.Array:
+  """Float32 logits over the vocabulary, for any leading shape: BERT's output transform
+  (dense -> GELU -> norm; left out with `model.mlm_head_transform=False`), a projection onto
+  the token embedding table (or, with `model.tie_output_embedding=False`, onto this head's own
+  `output_embedding`), plus a per-token bias (none with `model.use_bias=False`)."""
+  if c.mlm_head_transform:
+    h_BXD = init.dense(c, c.hidden_size, (axes.EMBED, axes.EMBED_OUT), "transform")(h_BXD)
+    h_BXD = init.norm(c, "layer_norm")(nn.gelu(h_BXD, approximate=False))
+  if not c.tie_output_embedding:
+    table_VD = module.param("output_embedding", init.weights(c, (axes.VOCAB, axes.EMBED)),
+                            (c.vocab_size, c.hidden_size), c.param_dtype)
+  logits = jnp.einsum("...d,vd->...v", h_BXD.astype(c.dtype), table_VD.astype(c.dtype),
                       preferred_element_type=jnp.float32)
+  if not c.use_bias:
+    return logits
   bias_V = module.param("bias", init.zeros((axes.VOCAB,)), (c.vocab_size,), c.param_dtype)
   return logits + bias_V.astype(jnp.float32)
 
@@ -39,12 +47,12 @@ class MlmHead(nn.Module):
   ) -> jax.Array:
     positions_BP = batch["mlm_positions"]
     h_BPD = jnp.take_along_axis(encoded.sequence_BLD, positions_BP[..., None], axis=1)
-    logits_BPV = _tied_logits(self, self.config, h_BPD, encoded.token_table_VD)
+    logits_BPV = _output_logits(self, self.config, h_BPD, encoded.token_table_VD)
     return nn.with_logical_constraint(logits_BPV, (axes.BATCH, axes.PREDICTIONS, axes.VOCAB))
 
 
 class LmHead(nn.Module):
-  """A language-model head at every position (CLM): `MlmHead`'s transform over the whole
+  """A language-model head at every position (CLM): `MlmHead`'s output over the whole
   sequence, `[B, L, V]` float32 logits."""
 
   config: ModelConfig
@@ -53,12 +61,12 @@ class LmHead(nn.Module):
   def __call__(
       self, encoded: EncoderOutput, batch: Mapping[str, jax.Array], deterministic: bool
   ) -> jax.Array:
-    logits_BLV = _tied_logits(self, self.config, encoded.sequence_BLD, encoded.token_table_VD)
+    logits_BLV = _output_logits(self, self.config, encoded.sequence_BLD, encoded.token_table_VD)
     return nn.with_logical_constraint(logits_BLV, (axes.BATCH, axes.LENGTH, axes.VOCAB))
 
 
 class PlmHead(nn.Module):
-  """XLNet's permuted-LM head: `MlmHead`'s transform over the query stream (one row per target),
+  """XLNet's permuted-LM head: `MlmHead`'s output over the query stream (one row per target),
   `[B, P, V]` float32 logits."""
 
   config: ModelConfig
@@ -69,7 +77,7 @@ class PlmHead(nn.Module):
   ) -> jax.Array:
     if encoded.query_BPD is None:
       raise ValueError("PlmHead reads the query stream: run the encoder with `query=`.")
-    logits_BPV = _tied_logits(self, self.config, encoded.query_BPD, encoded.token_table_VD)
+    logits_BPV = _output_logits(self, self.config, encoded.query_BPD, encoded.token_table_VD)
     return nn.with_logical_constraint(logits_BPV, (axes.BATCH, axes.PREDICTIONS, axes.VOCAB))
 
 

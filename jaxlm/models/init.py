@@ -21,12 +21,22 @@ def ones(names: tuple[str | None, ...]) -> nn.initializers.Initializer:
   return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
 
 
-def layer_norm(config: ModelConfig, name: str | None = None) -> nn.LayerNorm:
-  """A LayerNorm over the hidden axis with named scale and bias."""
+def norm(config: ModelConfig, name: str | None = None) -> nn.Module:
+  """The configured norm over the hidden axis (`model.norm`), its parameters named: LayerNorm's
+  `scale` and `bias` (no bias when `model.use_bias` is False), or RMSNorm's `scale`."""
+  if config.norm == "rms_norm":
+    return nn.RMSNorm(
+        epsilon=config.layer_norm_eps,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        scale_init=ones((axes.EMBED,)),
+        name=name,
+    )
   return nn.LayerNorm(
       epsilon=config.layer_norm_eps,
       dtype=config.dtype,
       param_dtype=config.param_dtype,
+      use_bias=config.use_bias,
       scale_init=ones((axes.EMBED,)),
       bias_init=zeros((axes.EMBED,)),
       name=name,
@@ -34,11 +44,13 @@ def layer_norm(config: ModelConfig, name: str | None = None) -> nn.LayerNorm:
 
 
 def dense(config: ModelConfig, features: int, names: tuple[str, str], name: str) -> nn.Dense:
-  """A Dense layer with a BERT-initialised kernel named `names` (in, out) and a zero bias."""
+  """A Dense layer with a BERT-initialised kernel named `names` (in, out) and a zero bias (none
+  when `model.use_bias` is False)."""
   return nn.Dense(
       features,
       dtype=config.dtype,
       param_dtype=config.param_dtype,
+      use_bias=config.use_bias,
       kernel_init=weights(config, names),
       bias_init=zeros((names[1],)),
       name=name,

@@ -1,4 +1,7 @@
-"""One Transformer layer: self-attention and a GELU MLP, post-LN (BERT) or pre-LN."""
+"""One Transformer layer: self-attention and an MLP (GELU, or gated: GEGLU / SwiGLU), post-LN
+(BERT) or pre-LN."""
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -9,14 +12,30 @@ from jaxlm.models.attention import MultiHeadAttention
 from jaxlm.models.config import ModelConfig
 
 
+# `model.mlp_activation` -> the activation; BERT's GELU is the exact (erf) one.
+_ACTIVATIONS = {
+    "gelu": functools.partial(nn.gelu, approximate=False),
+    "geglu": functools.partial(nn.gelu, approximate=False),
+    "swiglu": nn.silu,
+}
+
+
 class Mlp(nn.Module):
+  """gelu: `wo(gelu(wi h))`. geglu / swiglu: `wo(act(wi_gate h) * wi_up h)`, two input
+  projections of `mlp_dim` each (Shazeer 2020, "GLU variants improve Transformer")."""
+
   config: ModelConfig
 
   @nn.compact
   def __call__(self, h_BLD: jax.Array) -> jax.Array:
     c = self.config
-    h_BLF = init.dense(c, c.mlp_dim, (axes.EMBED, axes.MLP), "wi")(h_BLD)
-    h_BLF = nn.gelu(h_BLF, approximate=False)  # BERT's exact (erf) GELU.
+    activation = _ACTIVATIONS[c.mlp_activation]
+    if c.mlp_activation == "gelu":
+      h_BLF = activation(init.dense(c, c.mlp_dim, (axes.EMBED, axes.MLP), "wi")(h_BLD))
+    else:
+      gate_BLF = init.dense(c, c.mlp_dim, (axes.EMBED, axes.MLP), "wi_gate")(h_BLD)
+      up_BLF = init.dense(c, c.mlp_dim, (axes.EMBED, axes.MLP), "wi_up")(h_BLD)
+      h_BLF = activation(gate_BLF) * up_BLF
     h_BLF = nn.with_logical_constraint(h_BLF, (axes.BATCH, axes.LENGTH, axes.MLP))
     return init.dense(c, c.hidden_size, (axes.MLP, axes.EMBED), "wo")(h_BLF)
 
@@ -46,16 +65,16 @@ class TransformerLayer(nn.Module):
     mlp = Mlp(c, name="mlp")
     drop = nn.Dropout(c.dropout_rate)
     if c.pre_layer_norm:
-      attention_norm = init.layer_norm(c, "attention_norm")
+      attention_norm = init.norm(c, "attention_norm")
       h = attention_norm(x_BLD)
       kv = h if context_BKD is None else attention_norm(context_BKD)
       x_BLD = x_BLD + drop(attention(h, kv, mask_BHQK, deterministic, positions),
                            deterministic=deterministic)
-      h = init.layer_norm(c, "mlp_norm")(x_BLD)
+      h = init.norm(c, "mlp_norm")(x_BLD)
       x_BLD = x_BLD + drop(mlp(h), deterministic=deterministic)
     else:
       kv = x_BLD if context_BKD is None else context_BKD
       h = attention(x_BLD, kv, mask_BHQK, deterministic, positions)
-      x_BLD = init.layer_norm(c, "attention_norm")(x_BLD + drop(h, deterministic=deterministic))
-      x_BLD = init.layer_norm(c, "mlp_norm")(x_BLD + drop(mlp(x_BLD), deterministic=deterministic))
+      x_BLD = init.norm(c, "attention_norm")(x_BLD + drop(h, deterministic=deterministic))
+      x_BLD = init.norm(c, "mlp_norm")(x_BLD + drop(mlp(x_BLD), deterministic=deterministic))
     return nn.with_logical_constraint(x_BLD, (axes.BATCH, axes.LENGTH, axes.EMBED))

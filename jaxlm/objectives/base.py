@@ -78,9 +78,11 @@ class Objective(abc.ABC):
     """The corruption of the fixed eval set (from `eval.<name>`). Default: the training one."""
     return self.host_transform(batch, keys_B)
 
-  def flops_per_token(self, model: Any) -> float:
+  def flops_per_token(self, model: Any, predictions_per_seq: float | None = None) -> float:
     """Training FLOPs per input token of this objective's head and of any work its view adds
-    to an encoder pass (PLM's query stream), for MFU."""
+    to an encoder pass (PLM's query stream), for MFU. `predictions_per_seq`: the mean number
+    of predictions per sequence measured in the batches, for objectives whose head cost follows
+    it (None: the objective's own expectation)."""
     return 0.0
 
   @abc.abstractmethod

@@ -31,7 +31,8 @@ class CausalLm(Objective):
     next_BL[:, :-1] = ids_BL[:, 1:]
     return {**batch, "clm_ids": next_BL, "clm_weights": (next_BL != PAD_ID).astype(np.float32)}
 
-  def flops_per_token(self, model) -> float:
+  def flops_per_token(self, model, predictions_per_seq: float | None = None) -> float:
+    del predictions_per_seq  # Logits at every position, whatever their weight.
     d = model.hidden_size
     return 6.0 * (d * model.vocab_size + d * d)  # The head at every position.
 

@@ -60,10 +60,18 @@ class MaskedLm(Objective):
     masked[self.corrupted_input] = masked.pop("input_ids")  # Others still see the clean ids.
     return {**batch, **masked}
 
-  def flops_per_token(self, model) -> float:
+  def flops_per_token(self, model, predictions_per_seq: float | None = None) -> float:
+    """The head (transform and vocabulary projection) at the predicted positions only: the
+    measured `predictions_per_seq` (mean of `mlm_weights` per row), else what the masking picks
+    in a row of seq_len - 2 text tokens. Empty slots up to `max_predictions_per_seq` are padding,
+    not model work."""
     d = model.hidden_size
     per_prediction = 6 * (d * model.vocab_size + d * d)
-    return per_prediction * self.masking.max_predictions / self.data.seq_len
+    if predictions_per_seq is None:
+      text = self.data.seq_len - 2  # [CLS] ... [SEP]
+      predictions_per_seq = min(self.masking.max_predictions,
+                                max(1, round(text * self.masking.rate)))
+    return per_prediction * predictions_per_seq / self.data.seq_len
 
   def loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Aux]:
     loss, aux = mean_cross_entropy(outputs["mlm"], batch["mlm_ids"], batch["mlm_weights"], "mlm")

@@ -31,6 +31,12 @@ class NextSentencePrediction(Objective):
   def example_options(self) -> dict:
     return {"random_next_prob": float(self.options.random_next_prob)}
 
+  def flops_per_token(self, model, predictions_per_seq: float | None = None) -> float:
+    """The pooler (hidden x hidden at [CLS]) and the two-way classifier, once per sequence."""
+    del predictions_per_seq
+    d = model.hidden_size
+    return 6.0 * (d * d + 2 * d) / self.data.seq_len
+
   def loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> tuple[jax.Array, Aux]:
     labels = batch["next_sentence_label"]  # -1 on the padding rows of the last eval batch.
     real = (labels >= 0).astype(jnp.float32)

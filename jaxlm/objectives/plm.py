@@ -65,7 +65,7 @@ class PermutedLm(Objective):
     target_ids_BP = np.take_along_axis(ids_BL, sampled["plm_perm"][:, -num_targets:], axis=1)
     return {**batch, **sampled, "plm_target_ids": target_ids_BP.astype(np.int32)}
 
-  def flops_per_token(self, model) -> float:
+  def flops_per_token(self, model, predictions_per_seq: float | None = None) -> float:
     """What the permuted view adds to a full encoder pass: the query stream and the head, at P
     of every L positions, less the part of the content stream's last layer that nothing reads.
 
@@ -75,6 +75,7 @@ class PermutedLm(Objective):
     layer reads only the keys and values of the content stream's input to it, so XLA drops the
     rest of that content layer: its query and output projections, MLP and attention.
     """
+    del predictions_per_seq  # Every target slot runs the query stream (padded ones too).
     d, f, n, length = model.hidden_size, model.mlp_dim, model.num_layers, self.data.seq_len
     share = num_target_slots(length, self.permutation.partial_prediction) / length
     attention = 2 * length * d * (2 if model.position_encoding == "relative" else 1)

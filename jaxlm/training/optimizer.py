@@ -12,7 +12,8 @@ from jaxlm.errors import UserError
 # biases, relative attention's per-head biases (Transformer-XL's u and v) and the query stream's
 # single start vector do not: they are offsets, not weights, and decay would only pull them to 0.
 # `a` and `b`: LoRA's low-rank factors (training/lora.py), decayed as the kernels they adapt.
-_DECAYED_NAMES = frozenset({"kernel", "embedding", "a", "b"})
+# `output_embedding`: an untied MLM / LM output table (`model.tie_output_embedding=False`).
+_DECAYED_NAMES = frozenset({"kernel", "embedding", "a", "b", "output_embedding"})
 _UNDECAYED_NAMES = frozenset({"bias", "scale", "content_bias", "position_bias", "query_start"})
 
 
