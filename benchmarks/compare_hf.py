@@ -4,8 +4,9 @@
   python benchmarks/compare_hf.py [--config=experiments/bert_mini.py] [--vocab_size=32000]
       [--seq_len=128] [--batch_size=32] [--steps=20] [--warmup=3] [--rounds=2]
 
-jaxlm: `jaxlm.bench.step_benchmark`, the jitted step a run uses (MLM logits at the predicted
-positions only, at most `max_predictions_per_seq` per sequence, + NSP, the config's optimizer).
+jaxlm: `jaxlm.training.throughput.step_benchmark`, the jitted step a run uses (MLM logits at
+the predicted positions only, at most `max_predictions_per_seq` per sequence, + NSP, the config's
+optimizer).
 Hugging Face: `BertForPreTraining` with `torch.optim.AdamW`, float32, MLM logits at every
 position as it computes them (labels -100 except the positions jaxlm's masking chose, about
 15%), NSP labels; the same token ids, segments, sizes and dropout. Each side runs `--warmup`
@@ -26,7 +27,6 @@ sys.path.insert(0, ROOT)  # jaxlm and configs/ from this checkout.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  # argparse, not absl: importing jaxlm.bench defines absl flags of the same names.
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", default=os.path.join(ROOT, "experiments", "bert_mini.py"),
                       help="Experiment config file (its model, objectives and optimizer).")
@@ -71,7 +71,7 @@ def torch_inputs(config, objectives) -> dict:
   import numpy as np
   import torch
 
-  from jaxlm.bench import synthetic_rows
+  from jaxlm.training.throughput import synthetic_rows
 
   batch = synthetic_rows(config, objectives, 0, config.data.batch_size)
   labels = np.full(batch["input_ids"].shape, -100, np.int64)
@@ -119,7 +119,7 @@ def main(argv=None):
   args = parse_args(argv)
   import numpy as np
 
-  from jaxlm.bench import step_benchmark
+  from jaxlm.training.throughput import step_benchmark
   from jaxlm.objectives import DataSpec, build_objectives
 
   config = load_config(args)

@@ -22,14 +22,13 @@ import json
 import os
 import sys
 import tempfile
-import time
 
-import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
 from jaxlm import cli
 from jaxlm.errors import UserError
+from jaxlm.training.throughput import pipeline_benchmark, step_benchmark
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config()).",
                                           lock_config=True)
@@ -42,185 +41,6 @@ _WARMUP = flags.DEFINE_integer(
 _WORKDIR = flags.DEFINE_string(
     "workdir", os.path.join(tempfile.gettempdir(), "jaxlm-bench"),
     "Where text inputs are prepared on first use (a prepared folder is read in place).")
-
-
-def pipeline_benchmark(config, workdir: str, steps: int, warmup: int) -> dict:
-  """Times `steps` batches of the run's training pipeline; returns the figures."""
-  from jaxlm import config as config_lib
-  from jaxlm.training import inputs, loop
-
-  config_lib.validate(config)
-  loop.prepare_workdir(workdir)
-  sources, objectives, train, _ = inputs.build_inputs(config, workdir, config.model.vocab_size)
-  d = config.data
-  batches = train.iterate(0, warmup + steps, workers=d.workers)  # As the training loop does.
-  started = time.perf_counter()
-  for step, _ in batches:
-    if step == warmup - 1:  # Warm-up done (workers started, pages of the shards read once).
-      started = time.perf_counter()
-  seconds = time.perf_counter() - started
-  timed = steps
-  tokens = timed * d.batch_size * d.seq_len
-  return dict(
-      tokens_per_sec=round(tokens / seconds),
-      batches_per_sec=round(timed / seconds, 1),
-      ms_per_batch=round(1e3 * seconds / timed, 3),
-      workers=d.workers, format=d.format, objectives=[o.name for o in objectives],
-      batch_size=d.batch_size, seq_len=d.seq_len, steps=timed, data=sources.fingerprint,
-      train_tokens=sources.train.num_tokens)
-
-
-BENCH_STREAM = 7  # Synthetic batches' random stream (the loader's train / eval are 0 / 1).
-DISTINCT_BATCHES = 4  # Synthetic batches made, then cycled (their contents do not change costs).
-
-
-def synthetic_rows(config, objectives, step: int, rows: int, first_row: int = 0) -> dict:
-  """Host rows of the configured shape as a run's loader makes them, from random token ids:
-  `pairs`: [CLS] A [SEP] B [SEP] with random NSP labels, other formats a full window of text;
-  then every objective's host transform, keyed as the loader keys them."""
-  from jaxlm.data import formats, random as random_lib, tokenizer as tokenizer_lib
-
-  d = config.data
-  g = first_row + np.arange(rows) + step * d.batch_size  # Global row numbers, as the loader's.
-  keys = random_lib.row_keys(d.eval_seed, BENCH_STREAM, g)
-  rng = np.random.default_rng(random_lib.row_keys(d.eval_seed, BENCH_STREAM, step) % 2**63)
-  ids = rng.integers(tokenizer_lib.NUM_SPECIAL, config.model.vocab_size, (rows, d.seq_len),
-                     dtype=np.int32)
-  types = np.zeros_like(ids)
-  batch = {"input_ids": ids, "token_type_ids": types}
-  if d.format == "pairs":
-    middle = d.seq_len // 2
-    ids[:, 0], ids[:, middle], ids[:, -1] = (tokenizer_lib.CLS_ID, tokenizer_lib.SEP_ID,
-                                             tokenizer_lib.SEP_ID)
-    types[:, middle + 1:] = 1
-  else:
-    ids[:, -1] = tokenizer_lib.SEP_ID
-  for key in formats.FORMATS[d.format].extra_fields:  # NSP labels: half random next.
-    batch[key] = (random_lib.uniform(keys, 0, (1,))[:, 0] < 0.5).astype(np.int32)
-  for objective in objectives:
-    batch = objective.host_transform(
-        batch, random_lib.row_keys(d.eval_seed, BENCH_STREAM, g, random_lib.salt(objective.name)))
-  return batch
-
-
-def peak_memory() -> tuple[int, str]:
-  """Peak memory of the first local device from `memory_stats()`; on a host without them (CPU),
-  the process's peak resident set size."""
-  import resource
-
-  import jax
-
-  device = jax.local_devices()[0]
-  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-  if stats and stats.get("peak_bytes_in_use"):
-    return int(stats["peak_bytes_in_use"]), f"{device.device_kind} memory_stats peak_bytes_in_use"
-  return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-          "process peak RSS (getrusage ru_maxrss): host memory of the whole process")
-
-
-def step_benchmark(config, steps: int, warmup: int, matmul_size: int | None = None) -> dict:
-  """Times the run's jitted train step on synthetic batches; returns the figures.
-  `matmul_size`: of the CPU peak's matmul (default `flops.MATMUL_SIZE`; tests use less)."""
-  import functools
-  import statistics
-
-  import flax.linen as nn
-  import jax
-
-  from jaxlm import config as config_lib
-  from jaxlm.models import ModelConfig, Pretrainer
-  from jaxlm.objectives import DataSpec, build_objectives
-  from jaxlm.parallel import rules as rules_lib
-  from jaxlm.training import evaluation, flops, optimizer, trainer
-  from jaxlm.training import state as state_lib, step as step_lib
-
-  config_lib.validate(config, jax.process_count())
-  t, d = config.train, config.data
-  model_config = ModelConfig.from_config(config.model)
-  # Every piece starts a word: whole-word masking then picks as many positions as piece masking.
-  spec = DataSpec(vocab_size=model_config.vocab_size, seq_len=d.seq_len,
-                  word_start=np.ones(model_config.vocab_size, bool))
-  objectives = build_objectives(config.objectives, spec, config.eval)
-  model = Pretrainer.for_objectives(model_config, objectives)
-  process_count = jax.process_count()
-  mesh = trainer.make_mesh(config, process_count)
-  rules = rules_lib.rules_from_config(config.mesh)
-  tx, schedule = optimizer.make_optimizer(config.optimizer, t.steps)
-  rows = d.batch_size // process_count
-  host_batches = [synthetic_rows(config, objectives, i, rows, jax.process_index() * rows)
-                  for i in range(min(DISTINCT_BATCHES, warmup + steps))]
-  first = host_batches[0]
-  global_shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * process_count,) + v.shape[1:], v.dtype)
-                   for k, v in first.items()}
-  init_batch = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype) for k, v in first.items()}
-  batch_sharding = rules_lib.batch_sharding(mesh, rules)
-  replicated = rules_lib.replicated(mesh)
-
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    matmul_size = matmul_size or flops.MATMUL_SIZE
-    peak_before, peak_source = flops.peak_flops(t.peak_tflops_per_device, measure=True,
-                                                matmul_size=matmul_size)
-    init_rng, dropout_rng = trainer.seed_keys(config)
-    abstract, shardings = state_lib.abstract_state(model, tx, init_batch, mesh, rules)
-    state = state_lib.init_state(init_rng, model, tx, init_batch, shardings)
-    train_fn = jax.jit(  # As trainer.fit jits it.
-        functools.partial(step_lib.train_step, model=model, objectives=objectives, tx=tx,
-                          schedule=schedule, microbatches=t.microbatches, merge=None),
-        in_shardings=(shardings, batch_sharding, replicated, None),
-        out_shardings=(shardings, replicated),
-        donate_argnums=0,
-    )
-    dropout_rng = jax.device_put(dropout_rng, replicated)
-    compile_start = time.perf_counter()
-    compiled = train_fn.lower(abstract, global_shapes, dropout_rng, None).compile()
-    compile_s = time.perf_counter() - compile_start
-    batches = [evaluation.global_batch(b, batch_sharding, process_count) for b in host_batches]
-
-    times, counts = [], []
-    for i in range(warmup + steps):
-      batch = batches[i % len(batches)]
-      started = time.perf_counter()
-      state, metrics = compiled(state, batch, dropout_rng, None)
-      jax.block_until_ready((state, metrics))
-      if i >= warmup:
-        times.append(time.perf_counter() - started)
-        counts.append({k: float(v) for k, v in metrics.items() if k.endswith("_loss/count")})
-    peak_after, _ = flops.peak_flops(t.peak_tflops_per_device, measure=True,
-                                     matmul_size=matmul_size)
-
-  step_s = statistics.median(times)
-  tokens_per_step = d.batch_size * d.seq_len
-  tokens_per_sec = tokens_per_step / step_s
-  # Predictions per sequence the batches really had (the step's own counts, as the loop's).
-  predictions = {o.name: statistics.fmean(c[f"{o.name}_loss/count"] for c in counts) / d.batch_size
-                 for o in objectives if o.perplexity}
-  model_flops = flops.training_flops_per_token(model_config, d.seq_len, objectives, predictions)
-  peak = max(peak_before, peak_after)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  memory, memory_source = peak_memory()
-  device = jax.local_devices()[0]
-  return dict(
-      tokens_per_sec=round(tokens_per_sec, 1),
-      step_ms=round(1e3 * step_s, 2),
-      step_ms_min_max=[round(1e3 * min(times), 2), round(1e3 * max(times), 2)],
-      model_flops_per_token=model_flops,
-      # XLA's own count of the compiled step (one device's program): also softmax, norms,
-      # optimizer and padded prediction slots, so above the model FLOPs.
-      xla_flops_per_token=(float(cost["flops"]) / tokens_per_step
-                           if cost and jax.device_count() == 1 else None),
-      mfu=round(model_flops * tokens_per_sec / peak, 4) if peak else 0.0,
-      peak_flops=peak,
-      peak_flops_before_after=[peak_before, peak_after],
-      peak_source=peak_source,
-      compile_s=round(compile_s, 2),
-      peak_memory_bytes=memory,
-      peak_memory_source=memory_source,
-      predictions_per_seq={k: round(v, 3) for k, v in predictions.items()},
-      objectives=[o.name for o in objectives], batch_size=d.batch_size, seq_len=d.seq_len,
-      microbatches=t.microbatches, dropout=model_config.dropout_rate,
-      steps=steps, warmup=warmup, devices=jax.device_count(), device_kind=device.device_kind,
-      xla_flags=os.environ.get("XLA_FLAGS", ""), load_average=list(os.getloadavg()))
 
 
 def main(argv):

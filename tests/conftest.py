@@ -116,3 +116,19 @@ def make_run_folder(workdir, config, tokenizer_path, *, step=0, seed=0):
     checkpointer.wait()
     checkpointer.close()
   return workdir
+
+
+# The slowest files first (each takes one xdist worker whole, `--dist loadfile`), so that the two
+# workers finish together instead of one running a long file alone at the end.
+_SLOWEST_FIRST = ("test_parallel_e2e", "test_resilience", "test_seeds", "test_sweep",
+                  "test_finetune", "test_notebook", "test_train_e2e", "test_modern", "test_mesh",
+                  "test_plm", "test_predict", "test_clm", "test_recipes", "test_hf",
+                  "test_prepare", "test_guards", "test_checkpoint", "test_scale_options")
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    module = item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+    return _SLOWEST_FIRST.index(module) if module in _SLOWEST_FIRST else len(_SLOWEST_FIRST)
+
+  items.sort(key=rank)  # Stable: the order within a file is kept.

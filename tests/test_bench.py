@@ -87,7 +87,7 @@ def test_measured_peak_is_positive_and_cached(tmp_path, monkeypatch):
 
 
 def test_step_benchmark_json_has_every_key():
-  from jaxlm.bench import step_benchmark
+  from jaxlm.training.throughput import step_benchmark
   from configs import recipes
 
   config = recipes.tiny_fast()

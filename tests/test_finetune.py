@@ -76,10 +76,21 @@ def full(tmp_path_factory, source, task_paths):
 
 
 @pytest.fixture(scope="module")
-def with_lora(tmp_path_factory, source, task_paths):
+def with_lora(repo_root, tmp_path_factory, source, task_paths):
+  """Run as its user runs it: the command line."""
   workdir = str(tmp_path_factory.mktemp("lora") / "run")
-  config = _config(source, task_paths, rank=2, alpha=4.0, targets="query,value")
-  return workdir, finetuning.finetune(config, workdir)
+  result = subprocess.run(
+      [sys.executable, "-m", "jaxlm.finetune", "--config=experiments/finetune_classify.py",
+       f"--workdir={workdir}", f"--config.init_from={source}",
+       f"--config.data.train_file={task_paths['train']}",
+       f"--config.data.eval_file={task_paths['eval']}", "--config.data.seq_len=32",
+       "--config.data.batch_size=16", f"--config.train.steps={STEPS}",
+       f"--config.train.eval_every={STEPS}", f"--config.train.checkpoint_every={STEPS}",
+       "--config.optimizer.learning_rate=3e-3", "--config.optimizer.warmup_steps=3",
+       "--config.lora.rank=2", "--config.lora.alpha=4", "--config.lora.targets=query,value"],
+      cwd=repo_root, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, read_metrics(workdir)[STEPS]
 
 
 def test_full_finetuning_learns_and_logs_accuracy_and_f1(full):
@@ -117,6 +128,7 @@ def _saved_params(workdir):
 
 def test_lora_trains_adapters_and_head_only(full, with_lora):
   workdir, last = with_lora
+  assert 0 <= last["eval/accuracy"] <= 1 and 0 <= last["eval/f1"] <= 1
   saved = _saved_params(workdir)
   assert set(saved) == {"adapters", "classify"}  # No frozen weight in the checkpoint.
   trained = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(saved))
@@ -150,19 +162,6 @@ def test_bad_configs_are_plain_errors(source, task_paths, tmp_path):
   config.data.eval_file = str(tmp_path / "other.jsonl")
   with pytest.raises(UserError, match=r"other\.jsonl.*2.*neutral"):
     finetuning.finetune(config, str(tmp_path / "c"))
-
-
-def test_cli(repo_root, source, task_paths, tmp_path):
-  result = subprocess.run(
-      [sys.executable, "-m", "jaxlm.finetune", "--config=experiments/finetune_classify.py",
-       f"--workdir={tmp_path / 'run'}", f"--config.init_from={source}",
-       f"--config.data.train_file={task_paths['train']}",
-       f"--config.data.eval_file={task_paths['eval']}", "--config.data.seq_len=32",
-       "--config.train.steps=2", "--config.optimizer.warmup_steps=1", "--config.lora.rank=2"],
-      cwd=repo_root, capture_output=True, text=True, timeout=180, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  rows = read_metrics(str(tmp_path / "run"))
-  assert "eval/accuracy" in rows[2] and "eval/f1" in rows[2]
 
 
 def test_init_from_hf_starts_pretraining_and_finetuning_from_an_export(source, task_paths,

@@ -29,6 +29,17 @@ def global_batch(host_batch: Mapping[str, np.ndarray], sharding, process_count: 
   }
 
 
+def batch_shapes(host_batch: Mapping[str, np.ndarray], process_count: int
+                 ) -> tuple[dict[str, jax.ShapeDtypeStruct], dict[str, jax.ShapeDtypeStruct]]:
+  """The global batch's shapes (every process's rows), and a one-row batch's (enough to give
+  every parameter its shape)."""
+  def rows(v, n):
+    return jax.ShapeDtypeStruct((n,) + v.shape[1:], v.dtype)
+
+  return ({k: rows(v, v.shape[0] * process_count) for k, v in host_batch.items()},
+          {k: rows(v, 1) for k, v in host_batch.items()})
+
+
 def ratios(sums: Mapping[str, float], prefix: str = "") -> dict[str, float]:
   """`name/sum` and `name/count` pairs to `prefix + name` = sum / count."""
   out = {}

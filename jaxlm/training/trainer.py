@@ -111,9 +111,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str
   model, objectives, trainable = task.model, task.objectives, task.trainable
   tx, schedule = optimizer.make_optimizer(config.optimizer, t.steps)
   first = task.train_loader.batch(0)
-  global_shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * process_count,) + v.shape[1:], v.dtype)
-                   for k, v in first.items()}
-  init_batch = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype) for k, v in first.items()}
+  global_shapes, init_batch = evaluation.batch_shapes(first, process_count)
   batch_sharding = rules_lib.batch_sharding(mesh, rules)
   replicated = rules_lib.replicated(mesh)
 
