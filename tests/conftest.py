@@ -11,6 +11,15 @@ _DEVICES_FLAG = "--xla_force_host_platform_device_count"
 if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_DEVICES_FLAG}=8").strip()
 
+# One persistent XLA compilation cache for the run, shared by both xdist workers and every
+# subprocess the tests start (CLI runs, runs killed and resumed): a program compiles once. The
+# cache is keyed by the program, the flags and the jax version, so a hit is the same executable.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"jaxlm-tests-xla-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
 import pytest  # noqa: E402
 
 import collections  # noqa: E402
