@@ -9,8 +9,11 @@ def adamw_bert(learning_rate: float = 1e-4, warmup_steps: int = 10_000) -> ml_co
       dict(
           learning_rate=learning_rate,  # Peak, reached at the end of warm-up.
           warmup_steps=warmup_steps,  # Linear warm-up from 0.
-          decay="linear",  # After warm-up: linear | cosine | constant, over train.steps.
+          # After warm-up: linear | cosine | constant, over train.steps; trapezoid: constant,
+          # then linear over the last cooldown_fraction of train.steps.
+          decay="linear",
           end_learning_rate_ratio=0.0,  # Final learning rate as a fraction of the peak.
+          cooldown_fraction=0.2,  # Read by decay=trapezoid only.
           b1=0.9,
           b2=0.999,
           eps=1e-6,

@@ -4,7 +4,7 @@ import ml_collections
 
 from jaxlm.errors import UserError
 
-DECAYS = ("linear", "cosine", "constant")  # Learning-rate decays after warm-up.
+DECAYS = ("linear", "cosine", "constant", "trapezoid")  # Learning-rate decays after warm-up.
 
 
 def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:

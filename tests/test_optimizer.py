@@ -156,11 +156,30 @@ def test_constant_after_warmup():
     assert float(schedule(step)) == pytest.approx(config.learning_rate, rel=1e-6)
 
 
-@pytest.mark.parametrize("decay", ["linear", "cosine", "constant"])
+def test_trapezoid_holds_the_peak_then_cools_down_linearly():
+  schedule, config = _schedule(decay="trapezoid", cooldown_fraction=0.3)
+  peak = config.learning_rate
+  assert float(schedule(5)) == pytest.approx(peak / 2, rel=1e-5)  # Warm-up as before.
+  for step in (10, 40, 70):  # Constant until 30 steps before the end.
+    assert float(schedule(step)) == pytest.approx(peak, rel=1e-6), step
+  assert float(schedule(85)) == pytest.approx(peak / 2, rel=1e-5)
+  assert float(schedule(100)) == pytest.approx(0.0, abs=1e-9)
+  values = np.array([float(schedule(s)) for s in range(70, 101)])
+  assert (np.diff(values) < 0).all()
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.5])
+def test_trapezoid_needs_a_cooldown_fraction_in_0_1(fraction):
+  with pytest.raises(UserError, match="cooldown_fraction"):
+    _schedule(decay="trapezoid", cooldown_fraction=fraction)
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine", "constant", "trapezoid"])
 def test_no_warmup_starts_at_the_peak(decay):
   schedule, config = _schedule(decay=decay, warmup_steps=0)
   assert float(schedule(0)) == pytest.approx(config.learning_rate, rel=1e-6)
   if decay != "constant":
+    assert float(schedule(99)) < config.learning_rate
     assert float(schedule(100)) == pytest.approx(0.0, abs=1e-9)
 
 

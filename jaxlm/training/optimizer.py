@@ -18,11 +18,25 @@ _UNDECAYED_NAMES = frozenset({"bias", "scale", "content_bias", "position_bias", 
 
 
 def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warm-up from 0 to the peak, then `decay` to `end_learning_rate_ratio` x peak."""
+  """Linear warm-up from 0 to the peak, then `decay` to `end_learning_rate_ratio` x peak.
+
+  `trapezoid` (a one-cycle schedule: warm-up, constant, cool-down) holds the peak until the last
+  `cooldown_fraction` of `total_steps`, then decays linearly: a budget-aware run spends most of
+  its steps at the peak and still ends annealed (Izsak et al. 2021; Geiping & Goldstein 2023).
+  """
   peak = config.learning_rate
   end = peak * config.end_learning_rate_ratio
   decay_steps = max(1, total_steps - config.warmup_steps)
-  if config.decay == "linear":
+  if config.decay == "trapezoid":
+    fraction = config.get("cooldown_fraction", 0.0)
+    if not 0.0 < fraction <= 1.0:
+      raise UserError(f"optimizer.cooldown_fraction is {fraction}; decay 'trapezoid' needs it in "
+                      "(0, 1]: the share of train.steps spent decaying to the end rate.")
+    cooldown = min(decay_steps, max(1, round(fraction * total_steps)))
+    after = optax.join_schedules(
+        [optax.constant_schedule(peak), optax.linear_schedule(peak, end, cooldown)],
+        [decay_steps - cooldown])
+  elif config.decay == "linear":
     after = optax.linear_schedule(peak, end, decay_steps)
   elif config.decay == "cosine":
     after = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.end_learning_rate_ratio)
