@@ -26,6 +26,18 @@ def get_config() -> ml_collections.ConfigDict:
           max_consecutive_skips=5,  # Stop after this many steps in a row with non-finite loss.
           divergence_loss=100.0,  # Stop when a step's loss exceeds this: the run has diverged.
           peak_tflops_per_device=0.0,  # For MFU; 0 looks it up from the device kind.
+          # "A,B": a jax.profiler trace of steps A..B (counted from 1, as logged) into
+          # <workdir>/profile (several processes: profile/process_<i>), for TensorBoard's
+          # profile plugin or Perfetto; "" = none. A run resumed inside A..B traces from its
+          # first step.
+          profile_steps="",
+          # The random bits of dropout: threefry (jax's default; these numbers since the start) |
+          # rbg | unsafe_rbg (XLA's RngBitGenerator, MaxText's choice for GPU/TPU; on a 2-core
+          # CPU no faster). Only the dropout key changes (parameters, data and checkpoints do
+          # not). All three give the same numbers on any mesh here (tested on 8 CPU devices);
+          # rbg's bits differ by backend, and on TPU with
+          # --xla_tpu_spmd_rng_bit_generator_unsafe=true they would follow the mesh (untested).
+          prng_impl="threefry",
       )
   )
 

@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict(dict(
       steps=300, seed=0, microbatches=1, log_every=10, eval_every=100, checkpoint_every=300,
       keep_checkpoints=2, max_consecutive_skips=5, divergence_loss=100.0,
-      peak_tflops_per_device=0.0,
+      peak_tflops_per_device=0.0, profile_steps="", prng_impl="threefry",
   ))
   config.seeds = ml_collections.ConfigDict(dict(init=-1, data=-1, dropout=-1))
   # BERT's fine-tuning recipe: AdamW, warm-up over the first 10%, linear decay to 0.

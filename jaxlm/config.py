@@ -5,6 +5,8 @@ import ml_collections
 from jaxlm.errors import UserError
 
 DECAYS = ("linear", "cosine", "constant", "trapezoid")  # Learning-rate decays after warm-up.
+# train.prng_impl -> the name jax.random gives the implementation of the dropout key.
+PRNG_IMPLS = {"threefry": "threefry2x32", "rbg": "rbg", "unsafe_rbg": "unsafe_rbg"}
 
 
 def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
@@ -16,6 +18,7 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
       raise UserError(f"train.{key} is {t[key]}; it must be a positive integer.")
   if t.seed < 0:
     raise UserError(f"train.seed is {t.seed}; it must be >= 0.")
+  validate_trainer_options(t)
   for name, value in config.seeds.items():
     if value < -1:
       raise UserError(f"seeds.{name} is {value}; use a seed >= 0, or -1 to derive it from "
@@ -88,3 +91,28 @@ def resolved_seeds(config: ml_collections.ConfigDict) -> dict[str, int]:
   """`seeds.init`, `seeds.data` and `seeds.dropout`, with -1 replaced by `train.seed`."""
   return {name: config.train.seed if value == -1 else int(value)
           for name, value in config.seeds.items()}
+
+
+def validate_trainer_options(train: ml_collections.ConfigDict) -> None:
+  """`train.prng_impl` and `train.profile_steps`, read by the trainer of pretraining and
+  fine-tuning alike."""
+  if train.prng_impl not in PRNG_IMPLS:
+    raise UserError(f"train.prng_impl is '{train.prng_impl}'; use one of {tuple(PRNG_IMPLS)}.")
+  profile_range(train)
+
+
+def profile_range(train: ml_collections.ConfigDict) -> tuple[int, int] | None:
+  """`train.profile_steps` "A,B" as `(A, B)`, the first and last step traced (counted from 1,
+  as logged); None for "" (no trace)."""
+  value = str(train.profile_steps).strip()
+  if not value:
+    return None
+  usage = (f"train.profile_steps is '{value}'; use \"A,B\" with 1 <= A <= B <= train.steps "
+           f"({train.steps}), e.g. \"10,12\", or \"\" for no trace.")
+  parts = value.split(",")
+  if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    raise UserError(usage)
+  first, last = (int(p) for p in parts)
+  if not 1 <= first <= last <= train.steps:
+    raise UserError(usage)
+  return first, last

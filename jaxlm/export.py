@@ -2,10 +2,12 @@
 `python -m jaxlm.export --workdir=runs/tiny --output=hf/tiny`.
 
 Writes the model (`model.safetensors`, `config.json`: a BERT for post-LN runs, a
-RoBERTa-PreLayerNorm for pre-LN ones, see `jaxlm/hf/convert.py`), the tokenizer (`tokenizer.json`
-and friends, plus the sentencepiece `tokenizer.model`), `jaxlm_export.json` (the step, the run's
-config, where each head went) and a short README.md. `--step` picks a checkpoint (default: the
-newest); a non-empty `--output` is refused unless `--overwrite`. Needs the `hf` extra:
+RoBERTa-PreLayerNorm for pre-LN ones, a ModernBert for rotary-position ones, see
+`jaxlm/hf/convert.py`), the tokenizer (`tokenizer.json` and friends, plus the sentencepiece
+`tokenizer.model`; without token types for a model that has no token-type table),
+`jaxlm_export.json` (the step, the run's config, where each head went) and a short README.md.
+`--step` picks a checkpoint (default: the newest); a non-empty `--output` is refused unless
+`--overwrite`. Needs the `hf` extra:
 `pip install torch==2.13.0 && pip install -e '.[hf]'`.
 """
 
@@ -57,7 +59,8 @@ def write_export(directory: str, pretrained, workdir: str = "") -> dict:
   params = jax.device_get(pretrained.params)
   os.makedirs(directory, exist_ok=True)
   exported = convert.save_hf(directory, params, c)
-  warnings = hf_tokenizer.export_tokenizer(pretrained.tokenizer, directory, c.max_position)
+  warnings = hf_tokenizer.export_tokenizer(pretrained.tokenizer, directory, c.max_position,
+                                           token_types=c.type_vocab_size > 0)
   for warning in warnings:
     logging.warning("%s", warning)
   metadata = {

@@ -27,7 +27,7 @@ from jaxlm.models import ModelConfig, Pretrainer, init
 from jaxlm.models.attention import MultiHeadAttention, rotary, two_stream_masks
 from jaxlm.models.encoder import Encoder, QueryStream
 from jaxlm.models.heads import LmHead, MlmHead, NspHead, PlmHead
-from jaxlm.models.layers import Mlp
+from jaxlm.models.layers import Mlp, TransformerLayer
 from jaxlm.models.pretrainer import permuted_inputs
 from jaxlm.parallel import mesh as mesh_lib, rules as rules_lib
 from jaxlm.training import checkpoints, flops, optimizer, state as state_lib
@@ -268,6 +268,63 @@ def test_rms_norm_everywhere():
   assert norms and all(p.endswith("['scale']") for p in norms)
 
 
+# ---- ModernBERT's layout: no token types, no norm before layer 0's attention ----
+
+def test_no_token_type_table_ignores_token_types():
+  config = dataclasses.replace(CONFIG, type_vocab_size=0)
+  model = Pretrainer(config, heads=(("mlm", MlmHead), ("nsp", NspHead)))
+  batch = _batch()
+  params = _init(model, batch, deterministic=True)
+  assert "token_type" not in params["params"]["encoder"]["embeddings"]
+  assert "token_type" in _init(Pretrainer(CONFIG, heads=(("mlm", MlmHead),)), batch,
+                               deterministic=True)["params"]["encoder"]["embeddings"]
+  out = model.apply(params, batch, deterministic=True)
+  segments = dict(batch, token_type_ids=np.ones_like(batch["token_type_ids"]))
+  other = model.apply(params, segments, deterministic=True)
+  for name in ("mlm", "nsp"):  # NSP reads the pooled [CLS] only: no table needed.
+    assert np.isfinite(np.asarray(out[name])).all()
+    np.testing.assert_array_equal(np.asarray(other[name]), np.asarray(out[name]))
+
+
+def test_first_layer_without_attention_norm():
+  """Layer 0 attends over the embedding output as it is; every later layer keeps its norm."""
+  config = dataclasses.replace(CONFIG, pre_layer_norm=True, first_layer_attention_norm=False)
+  model = Pretrainer(config, heads=HEADS, views=VIEWS)  # The query stream's pass included.
+  batch = _batch()
+  params = _init(model, batch, deterministic=True)
+  encoder = params["params"]["encoder"]
+  assert "attention_norm" not in encoder["layer_0"] and "mlp_norm" in encoder["layer_0"]
+  assert "attention_norm" in encoder["layer_1"]
+  assert all(np.isfinite(np.asarray(v)).all()
+             for v in model.apply(params, batch, deterministic=True).values())
+  post_ln = _init(Pretrainer(dataclasses.replace(config, pre_layer_norm=False),
+                             heads=(("mlm", MlmHead),)), batch, deterministic=True)
+  assert "attention_norm" in post_ln["params"]["encoder"]["layer_0"]  # Read with pre-LN only.
+
+
+def test_layer_without_attention_norm_computes_its_definition():
+  """`x + attention(x)`, then `+ mlp(norm(.))`: the attention reads its input un-normalised."""
+  config = dataclasses.replace(CONFIG, pre_layer_norm=True, first_layer_attention_norm=False)
+  layer = TransformerLayer(config, attention_norm=False)
+  x, mask = jnp.asarray(_normal(2, 6, 32, seed=8) * 3 + 1), jnp.ones((1, 1, 6, 6), bool)
+  params = _init(layer, x, mask, True)["params"]
+  assert set(params) == {"attention", "mlp", "mlp_norm"}
+  h = x + MultiHeadAttention(config).apply({"params": params["attention"]}, x, x, mask, True)
+  normed = init.norm(config).apply({"params": params["mlp_norm"]}, h)
+  want = h + Mlp(config).apply({"params": params["mlp"]}, normed)
+  np.testing.assert_allclose(np.asarray(layer.apply({"params": params}, x, mask, True)),
+                             np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_first_layer_without_attention_norm_refuses_scanned_layers():
+  config = models.bert("tiny")
+  config.update(pre_layer_norm=True, first_layer_attention_norm=False, scan_layers=True)
+  with pytest.raises(UserError, match="model.first_layer_attention_norm is False.*scan_layers"):
+    ModelConfig.from_config(config)
+  config.scan_layers = False
+  assert not ModelConfig.from_config(config).first_layer_attention_norm
+
+
 # ---- The output embedding and the head transform ----
 
 def _mlm_loss(model, params, batch):
@@ -339,10 +396,11 @@ def test_rope_needs_an_even_head_size():
 def test_a_run_saved_before_the_options_loads_as_bert():
   old = dict(models.bert("tiny"))
   for key in ("rope_theta", "mlp_activation", "use_bias", "norm", "tie_output_embedding",
-              "mlm_head_transform"):
+              "mlm_head_transform", "first_layer_attention_norm"):
     del old[key]
   loaded = ModelConfig.from_config(ml_collections.ConfigDict(old))
   assert (loaded.mlp_activation, loaded.use_bias, loaded.norm) == ("gelu", True, "layer_norm")
+  assert loaded.first_layer_attention_norm
 
 
 def test_gated_mlp_flops_count_three_matrices():

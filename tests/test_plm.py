@@ -374,5 +374,6 @@ def test_flops_per_token_match_xla_count(encoding, names):
 
   cost = jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()
   counted = (cost[0] if isinstance(cost, list) else cost)["flops"]
-  ours = flops.training_flops_per_token(config, length, objectives) * batch_size * length
+  ours = flops.training_flops_per_token(config, length, objectives,
+                                        rows_per_step=batch_size) * batch_size * length
   assert 0.85 < counted / ours < 1.15, (counted, ours)

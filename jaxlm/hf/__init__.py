@@ -1,8 +1,9 @@
 """Hugging Face transformers export and import of jaxlm models and tokenizers.
 
-`save_hf` / `import_hf` convert weights (`convert.py`), `export_tokenizer` / `import_tokenizer`
-the tokenizer (`tokenizer.py`); `python -m jaxlm.export` writes a whole run. transformers and
-torch (the `hf` extra) are imported only when a function needs them.
+`save_hf` / `import_hf` convert weights (`convert.py`, with each family's mapping in `bert.py`
+and `modernbert.py`, built from `mapping.py`), `export_tokenizer` / `import_tokenizer` the
+tokenizer (`tokenizer.py`); `python -m jaxlm.export` writes a whole run. transformers and torch
+(the `hf` extra) are imported only when a function needs them.
 """
 
 from jaxlm.hf.convert import (EXTRA_FILE, Exported, Overlaid, check_exportable, from_hf,

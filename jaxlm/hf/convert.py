@@ -1,5 +1,12 @@
 """jaxlm parameter trees <-> Hugging Face transformers (PyTorch) checkpoints.
 
+This module holds the public entry points (`check_exportable`, `to_hf` / `save_hf`,
+`model_overrides`, `from_hf` / `import_hf`, `overlay`) and what every family shares: choosing the
+family and architecture, the extra-weights file, reading folders. Each family's own names,
+configs and refusals live beside it, so that one family can change without reading the others:
+`bert.py` (BERT, RoBERTa, RoBERTa-PreLayerNorm) and `modernbert.py` (ModernBert), both built
+from `mapping.py` (leaf <-> tensor entries, flat parameter trees).
+
 Export (`save_hf`): the architecture follows the model, so that transformers computes jaxlm's
 function with no missing or unexpected weight:
 
@@ -11,274 +18,113 @@ function with no missing or unexpected weight:
   `RobertaPreLayerNormModel`. RoBERTa numbers positions from `pad_token_id + 1` (pad 0 here),
   so its position table is jaxlm's with one zero row (padding's) in front: every non-padding
   token reads the row jaxlm reads.
+- rotary positions (`model.position_encoding=rope`): MLM -> `ModernBertForMaskedLM`, else
+  `ModernBertModel`. ModernBERT's layout is pre-LN with LayerNorms, a gated MLP, no token types
+  and no norm before layer 0's attention, so the run needs `pre_layer_norm=True`,
+  `first_layer_attention_norm=False`, `type_vocab_size=0`, `norm=layer_norm`,
+  `mlm_head_transform=True` and `mlp_activation` geglu (`hidden_activation="gelu"`) or swiglu
+  (`"silu"`). `use_bias` sets every `*_bias` flag, `tie_output_embedding` sets
+  `tie_word_embeddings`, and every layer is global attention (`layer_types`) with
+  `rope_theta` as its theta. Query, key and value kernels are fused into `Wqkv`, `wi_gate` and
+  `wi_up` into `Wi` (`modernbert.py` gives the row order). Dropout rates are carried over
+  (embedding, MLP and attention), applied where ModernBert applies them: only training differs.
 
-What the architecture has no place for (the pooler of a masked or causal LM, a pre-LN model's NSP
-head, a CLM or PLM head beside the exported one, PLM's `query_start`) goes, unchanged, into
-`jaxlm_extra.safetensors` beside the model: transformers never reads it, `import_hf` puts it
-back, so jaxlm -> HF -> jaxlm gives identical arrays.
+What the architecture has no place for (the pooler of a masked or causal LM, a pre-LN or
+ModernBert model's NSP head, a CLM or PLM head beside the exported one, PLM's `query_start`) goes,
+unchanged, into `jaxlm_extra.safetensors` beside the model: transformers never reads it,
+`import_hf` puts it back, so jaxlm -> HF -> jaxlm gives identical arrays.
 
-Refused (`UserError` naming the option): `model.position_encoding=relative` (Transformer-XL
-attention, which no BERT/RoBERTa computes) and `model.hidden_size` not a multiple of
-`model.num_heads`. Every other jaxlm option maps: GELU is the exact (erf) one in both
-(`hidden_act="gelu"`), `layer_norm_eps`, sizes and dropout rates are carried over; weights are
-written in float32 whatever `model.param_dtype`.
+Refused (`UserError` naming the option and the value that would export): relative positions
+(Transformer-XL attention, which no BERT, RoBERTa or ModernBert computes), the modern options
+with absolute positions (BERT and RoBERTa-PreLayerNorm compute BERT's layer only, with a
+token-type table), a rotary model whose layout ModernBert does not compute (above), and
+`model.hidden_size` not a multiple of `model.num_heads`. GELU is the exact (erf) one everywhere
+(`"gelu"`), the norm epsilon, sizes and dropout rates are carried over; weights are written in
+float32 whatever `model.param_dtype`.
 
-Import (`import_hf`) reads BERT (post-LN), RoBERTa (post-LN, offset positions) and
-RoBERTa-PreLayerNorm folders (safetensors, sharded or not, or `pytorch_model.bin`) into jaxlm's
-layout, and refuses what jaxlm does not compute (a tanh GELU, relative positions, untied output
-embeddings).
+Import (`import_hf`) reads BERT (post-LN), RoBERTa (post-LN, offset positions),
+RoBERTa-PreLayerNorm and ModernBert folders (safetensors, sharded or not, or `pytorch_model.bin`)
+into jaxlm's layout, and refuses what jaxlm does not compute (a tanh GELU, relative positions,
+untied output embeddings outside ModernBert, ModernBERT's sliding-window layers, biases on in
+some layers and off in others).
 """
 
 import dataclasses
 import json
 import os
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from jaxlm.data.tokenizer import CLS_ID, PAD_ID, SEP_ID
+from jaxlm.data.tokenizer import PAD_ID
 from jaxlm.errors import UserError
+from jaxlm.hf import bert, modernbert
+from jaxlm.hf.bert import BERT, ROBERTA, ROBERTA_PRE_LN
+from jaxlm.hf.mapping import CLM, MLM, NSP, Family, Mapped, flatten, unflatten
+from jaxlm.hf.modernbert import MODERNBERT
 from jaxlm.models.config import ModelConfig
 
 EXTRA_FILE = "jaxlm_extra.safetensors"
-Path = tuple[str, ...]
-Flat = dict[Path, np.ndarray]
 
-# The heads jaxlm names by objective; a pretraining run has a subset of them.
-MLM, NSP, CLM = "mlm", "nsp", "clm"
-# HF's exact GELU names ("gelu" is erf-based); the tanh approximations are not jaxlm's.
-_EXACT_GELU = ("gelu", "gelu_python")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Family:
-  """How one transformers model family names the same weights."""
-
-  model_type: str
-  prefix: str  # Of the base model's keys inside a model with heads.
-  pre_layer_norm: bool
-  position_offset: bool  # RoBERTa: position ids start at pad_token_id + 1.
-  lm_head: dict[str, str]  # jaxlm head leaf -> HF key.
-  nsp_head: str | None  # HF key prefix of the NSP classifier; None: the family has none.
-  architectures: dict[str, str]  # The exported/imported head set -> architecture.
-
-
-_BERT_LM = {"transform/kernel": "cls.predictions.transform.dense.weight",
-            "transform/bias": "cls.predictions.transform.dense.bias",
-            "layer_norm/scale": "cls.predictions.transform.LayerNorm.weight",
-            "layer_norm/bias": "cls.predictions.transform.LayerNorm.bias",
-            "bias": "cls.predictions.bias"}
-_ROBERTA_LM = {"transform/kernel": "lm_head.dense.weight", "transform/bias": "lm_head.dense.bias",
-               "layer_norm/scale": "lm_head.layer_norm.weight",
-               "layer_norm/bias": "lm_head.layer_norm.bias", "bias": "lm_head.bias"}
-
-BERT = _Family("bert", "bert.", False, False, _BERT_LM, "cls.seq_relationship",
-               {"mlm+nsp": "BertForPreTraining", "mlm": "BertForMaskedLM",
-                "clm": "BertLMHeadModel", "nsp": "BertForNextSentencePrediction",
-                "": "BertModel"})
-ROBERTA_PRE_LN = _Family("roberta-prelayernorm", "roberta_prelayernorm.", True, True, _ROBERTA_LM,
-                         None, {"mlm": "RobertaPreLayerNormForMaskedLM",
-                                "clm": "RobertaPreLayerNormForCausalLM",
-                                "": "RobertaPreLayerNormModel"})
-ROBERTA = _Family("roberta", "roberta.", False, True, _ROBERTA_LM, None,  # Import only.
-                  {"mlm": "RobertaForMaskedLM", "clm": "RobertaForCausalLM", "": "RobertaModel"})
-_FAMILIES = {f.model_type: f for f in (BERT, ROBERTA_PRE_LN, ROBERTA)}
+_FAMILIES = {f.model_type: f for f in (BERT, ROBERTA_PRE_LN, ROBERTA, MODERNBERT)}
 # Architectures whose base model has no pooler (transformers builds it add_pooling_layer=False).
 _NO_POOLER = ("ForMaskedLM", "LMHeadModel", "ForCausalLM")
 
 
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-  """One jaxlm leaf and the HF tensor it becomes."""
-
-  path: Path
-  key: str
-  to_hf: Callable[[np.ndarray], np.ndarray]
-  from_hf: Callable[[np.ndarray], np.ndarray]
-
-
-def _same(x):
-  return x
-
-
-def _dense(path, key):
-  """A Dense kernel `[in, out]` is a torch Linear weight `[out, in]`."""
-  return _Entry(path, key, lambda k: k.T, lambda w: w.T)
-
-
-def _layer_entries(c: ModelConfig, family: _Family, i: int, prefix: str) -> list[_Entry]:
-  d, h, k = c.hidden_size, c.num_heads, c.head_dim
-  ours, theirs = ("encoder", f"layer_{i}"), f"{prefix}encoder.layer.{i}."
-  entries = []
-  for name in ("query", "key", "value"):  # [D, H, K] kernels, heads major as HF splits them.
-    path, key = ours + ("attention", name), f"{theirs}attention.self.{name}."
-    entries += [
-        _Entry(path + ("kernel",), key + "weight", lambda x: x.reshape(d, h * k).T,
-               lambda w: w.T.reshape(d, h, k)),
-        _Entry(path + ("bias",), key + "bias", lambda x: x.reshape(h * k),
-               lambda w: w.reshape(h, k)),
-    ]
-  out = ours + ("attention", "out")
-  entries += [
-      _Entry(out + ("kernel",), f"{theirs}attention.output.dense.weight",
-             lambda x: x.reshape(h * k, d).T, lambda w: w.T.reshape(h, k, d)),
-      _Entry(out + ("bias",), f"{theirs}attention.output.dense.bias", _same, _same),
-      _dense(ours + ("mlp", "wi", "kernel"), f"{theirs}intermediate.dense.weight"),
-      _Entry(ours + ("mlp", "wi", "bias"), f"{theirs}intermediate.dense.bias", _same, _same),
-      _dense(ours + ("mlp", "wo", "kernel"), f"{theirs}output.dense.weight"),
-      _Entry(ours + ("mlp", "wo", "bias"), f"{theirs}output.dense.bias", _same, _same),
-  ]
-  if family.pre_layer_norm:  # x + f(LN(x)): the norms sit before attention and the MLP.
-    norms = {"attention_norm": "attention.LayerNorm", "mlp_norm": "intermediate.LayerNorm"}
-  else:  # LN(x + f(x)): after them.
-    norms = {"attention_norm": "attention.output.LayerNorm", "mlp_norm": "output.LayerNorm"}
-  for norm, key in norms.items():
-    entries += _norm(ours + (norm,), f"{theirs}{key}")
-  return entries
-
-
-def _norm(path: Path, key: str) -> list[_Entry]:
-  return [_Entry(path + ("scale",), key + ".weight", _same, _same),
-          _Entry(path + ("bias",), key + ".bias", _same, _same)]
-
-
-def _entries(c: ModelConfig, family: _Family, *, prefix: str, offset: int, lm_head: str | None,
-             nsp: bool, pooler: bool) -> list[_Entry]:
+def _entries(c: ModelConfig, family: Family, *, prefix: str, offset: int, lm_head: str | None,
+             nsp: bool, pooler: bool) -> list[Mapped]:
   """Every jaxlm leaf an HF model holds, with its key: the base model's keys start with `prefix`
   (none in a bare base model), the position table has `offset` rows in front of jaxlm's, and
-  `lm_head` / `nsp` / `pooler` say which parts it has."""
-  emb, key = ("encoder", "embeddings"), f"{prefix}embeddings."
-
-  def to_positions(table):
-    return np.concatenate([np.zeros((offset, table.shape[1]), table.dtype), table])
-
-  entries = [
-      _Entry(emb + ("token", "embedding"), key + "word_embeddings.weight", _same, _same),
-      _Entry(emb + ("position", "embedding"), key + "position_embeddings.weight", to_positions,
-             lambda t: t[offset:]),
-      _Entry(emb + ("token_type", "embedding"), key + "token_type_embeddings.weight", _same,
-             _same),
-      *_norm(emb + ("layer_norm",), key + "LayerNorm"),
-  ]
-  for i in range(c.num_layers):
-    entries += _layer_entries(c, family, i, prefix)
-  if family.pre_layer_norm:
-    entries += _norm(("encoder", "final_norm"), f"{prefix}LayerNorm")
-  if pooler:
-    entries += [_dense(("encoder", "pooler", "kernel"), f"{prefix}pooler.dense.weight"),
-                _Entry(("encoder", "pooler", "bias"), f"{prefix}pooler.dense.bias", _same, _same)]
-  if lm_head:
-    for leaf, hf_key in family.lm_head.items():
-      path = (lm_head, *leaf.split("/"))
-      entries.append(_dense(path, hf_key) if leaf.endswith("kernel") else
-                     _Entry(path, hf_key, _same, _same))
-  if nsp:
-    entries += [_dense((NSP, "classifier", "kernel"), f"{family.nsp_head}.weight"),
-                _Entry((NSP, "classifier", "bias"), f"{family.nsp_head}.bias", _same, _same)]
-  return entries
+  `lm_head` / `nsp` / `pooler` say which parts it has (a ModernBert has no position table, NSP
+  head or pooler)."""
+  if family is MODERNBERT:
+    return modernbert.entries(c, prefix, lm_head)
+  return bert.entries(c, family, prefix=prefix, offset=offset, lm_head=lm_head, nsp=nsp,
+                      pooler=pooler)
 
 
 def check_exportable(c: ModelConfig) -> None:
-  """Raises UserError, naming the option, for a model no BERT / RoBERTa-PreLayerNorm computes:
-  relative or rotary positions, the modern options of issue 13, heads that do not divide."""
-  if c.position_encoding == "rope":
-    raise UserError(
-        "model.position_encoding is 'rope': rotary embeddings have no counterpart in Hugging "
-        "Face's BERT or RoBERTa-PreLayerNorm, and jaxlm cannot export to ModernBert yet, so this "
-        "run cannot be exported. Export a run trained with model.position_encoding=absolute.")
-  if c.position_encoding != "absolute":
-    raise UserError(
-        f"model.position_encoding is '{c.position_encoding}': Transformer-XL relative attention "
-        "has no counterpart in Hugging Face's BERT or RoBERTa-PreLayerNorm, so this run cannot "
-        "be exported. Export a run trained with model.position_encoding=absolute.")
-  # The modern options (issue 13), as `(key, BERT's value)`: none has a counterpart in BERT or
-  # RoBERTa-PreLayerNorm (Hugging Face's ModernBert export is not written yet).
-  for key, bert_value in (("mlp_activation", "gelu"), ("use_bias", True), ("norm", "layer_norm"),
-                          ("tie_output_embedding", True), ("mlm_head_transform", True)):
-    if getattr(c, key) != bert_value:
-      raise UserError(
-          f"model.{key} is {getattr(c, key)!r}: Hugging Face's BERT and RoBERTa-PreLayerNorm "
-          f"compute only model.{key}={bert_value!r}, and jaxlm cannot export to ModernBert yet, "
-          "so this run cannot be exported.")
+  """Raises UserError, naming the option and the value that would export, for a model no
+  architecture of the module docstring computes: relative positions; with absolute positions,
+  the modern options (BERT / RoBERTa-PreLayerNorm); with rotary ones, a layout other than
+  ModernBERT's; heads that do not divide the hidden size."""
   if c.hidden_size % c.num_heads:
     raise UserError(
         f"model.hidden_size ({c.hidden_size}) is not a multiple of model.num_heads "
         f"({c.num_heads}); Hugging Face attention needs heads x head size = hidden size. Export "
         "a run whose model.num_heads divides model.hidden_size.")
+  if c.position_encoding == "rope":
+    modernbert.check(c)
+  elif c.position_encoding == "absolute":
+    bert.check(c)
+  else:
+    raise UserError(
+        f"model.position_encoding is '{c.position_encoding}': Transformer-XL relative attention "
+        "has no counterpart in Hugging Face's BERT, RoBERTa-PreLayerNorm or ModernBert, so this "
+        "run cannot be exported. Export a run trained with model.position_encoding=absolute "
+        "(BERT) or rope (ModernBert).")
 
 
-def choose_architecture(c: ModelConfig, heads: set[str]) -> tuple[_Family, str, str | None, bool]:
+def choose_architecture(c: ModelConfig, heads: set[str]) -> tuple[Family, str, str | None, bool]:
   """`(family, architecture, exported LM head name or None, NSP exported)` for a model with these
   head names (see the module docstring)."""
   check_exportable(c)
-  family = ROBERTA_PRE_LN if c.pre_layer_norm else BERT
-  lm_head = MLM if MLM in heads else (CLM if CLM in heads else None)
+  if c.position_encoding == "rope":  # ModernBert has a masked LM only.
+    family, lm_head = MODERNBERT, MLM if MLM in heads else None
+  else:
+    family = ROBERTA_PRE_LN if c.pre_layer_norm else BERT
+    lm_head = MLM if MLM in heads else (CLM if CLM in heads else None)
   nsp = NSP in heads and family.nsp_head is not None and lm_head != CLM
   name = "+".join([lm_head] * bool(lm_head) + [NSP] * nsp)
   return family, family.architectures[name], lm_head, nsp
 
 
-def flatten(params: Mapping[str, Any]) -> Flat:
-  """A jaxlm param tree as `{path: float32 numpy}`, a scanned layer stack as `layer_<i>`."""
-  flat = {}
-
-  def walk(node, path):
-    if isinstance(node, Mapping):
-      for name, child in node.items():
-        walk(child, path + (str(name),))
-      return
-    array = np.asarray(node, np.float32)
-    if path[:3] == ("encoder", "layers", "layer"):
-      for i in range(array.shape[0]):
-        flat[("encoder", f"layer_{i}") + path[3:]] = array[i]
-    else:
-      flat[path] = array
-
-  walk(params, ())
-  return flat
-
-
-def unflatten(flat: Flat, scan_layers: bool = False) -> dict[str, Any]:
-  """The inverse of `flatten`; `scan_layers` stacks `layer_<i>` into `encoder/layers/layer`."""
-  tree: dict[str, Any] = {}
-  stacked: dict[Path, dict[int, np.ndarray]] = {}
-  for path, array in flat.items():
-    if scan_layers and path[0] == "encoder" and re.fullmatch(r"layer_\d+", path[1]):
-      stacked.setdefault(path[2:], {})[int(path[1][len("layer_"):])] = array
-      continue
-    _put(tree, path, array)
-  for rest, layers in stacked.items():
-    _put(tree, ("encoder", "layers", "layer") + rest,
-         np.stack([layers[i] for i in range(len(layers))]))
-  return tree
-
-
-def _put(tree: dict, path: Path, value) -> None:
-  for name in path[:-1]:
-    tree = tree.setdefault(name, {})
-  tree[path[-1]] = value
-
-
-def hf_config(c: ModelConfig, family: _Family, architecture: str):
+def hf_config(c: ModelConfig, family: Family, architecture: str):
   """The transformers config of the exported model."""
-  import transformers
-
-  cls = {BERT.model_type: transformers.BertConfig,
-         ROBERTA_PRE_LN.model_type: transformers.RobertaPreLayerNormConfig}[family.model_type]
-  positions = c.max_position + (PAD_ID + 1 if family.position_offset else 0)
-  return cls(
-      vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
-      num_attention_heads=c.num_heads, intermediate_size=c.mlp_dim,
-      hidden_act="gelu",  # jaxlm's nn.gelu(approximate=False): the exact erf GELU.
-      hidden_dropout_prob=c.dropout_rate, attention_probs_dropout_prob=c.attention_dropout_rate,
-      max_position_embeddings=positions, type_vocab_size=c.type_vocab_size,
-      initializer_range=c.initializer_range, layer_norm_eps=c.layer_norm_eps,
-      pad_token_id=PAD_ID, bos_token_id=CLS_ID, eos_token_id=SEP_ID, tie_word_embeddings=True,
-      is_decoder=architecture in (BERT.architectures[CLM], ROBERTA_PRE_LN.architectures[CLM]),
-      architectures=[architecture], dtype="float32",
-  )
+  if family is MODERNBERT:
+    return modernbert.hf_config(c, architecture)
+  return bert.hf_config(c, family, architecture)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,12 +150,12 @@ def to_hf(params: Mapping[str, Any], c: ModelConfig) -> Exported:
   entries = _entries(c, family, prefix="" if bare else family.prefix,
                      offset=PAD_ID + 1 if family.position_offset else 0, lm_head=lm_head,
                      nsp=nsp, pooler=not architecture.endswith(_NO_POOLER))
-  missing = [e.path for e in entries if e.path not in flat]
+  used = {path for e in entries for path in e.paths}
+  missing = sorted(used - set(flat))
   if missing:
     raise ValueError(f"The param tree lacks {['/'.join(p) for p in missing[:5]]}: not a jaxlm "
                      "Pretrainer's params?")
-  state = {e.key: np.ascontiguousarray(e.to_hf(flat[e.path])) for e in entries}
-  used = {e.path for e in entries}
+  state = {e.key: np.ascontiguousarray(e.write(flat)) for e in entries}
   extra = {"/".join(p): a for p, a in flat.items() if p not in used}
   return Exported(architecture, hf_config(c, family, architecture), state, extra, lm_head)
 
@@ -400,36 +246,9 @@ def model_overrides(config: Mapping[str, Any], directory: str = "") -> dict[str,
   if family is None:
     raise UserError(f"Hugging Face model type '{model_type}'{where} is not one jaxlm imports: "
                     f"use a {', '.join(sorted(_FAMILIES))} checkpoint.")
-  act = config.get("hidden_act", "gelu")
-  if act not in _EXACT_GELU:
-    raise UserError(f"hidden_act is '{act}'{where}; jaxlm computes the exact GELU only "
-                    "(hidden_act='gelu'), so this model cannot be imported.")
-  position_type = config.get("position_embedding_type", "absolute")
-  if position_type != "absolute":
-    raise UserError(f"position_embedding_type is '{position_type}'{where}; jaxlm's "
-                    "model.position_encoding=absolute reads a learned table only.")
-  if not config.get("tie_word_embeddings", True):
-    raise UserError(f"tie_word_embeddings is false{where}; jaxlm's LM heads always project with "
-                    "the token embedding table.")
-  positions = config.get("max_position_embeddings", 512)
-  if family.position_offset:
-    positions -= config.get("pad_token_id", PAD_ID) + 1
-  hidden_dropout = config.get("hidden_dropout_prob", 0.1)
-  return dict(
-      vocab_size=config["vocab_size"],
-      hidden_size=config["hidden_size"],
-      num_layers=config["num_hidden_layers"],
-      num_heads=config["num_attention_heads"],
-      mlp_dim=config["intermediate_size"],
-      max_position=positions,
-      type_vocab_size=config.get("type_vocab_size", 2),
-      dropout_rate=hidden_dropout,
-      attention_dropout_rate=config.get("attention_probs_dropout_prob", hidden_dropout),
-      pre_layer_norm=family.pre_layer_norm,
-      layer_norm_eps=config.get("layer_norm_eps", 1e-12),
-      initializer_range=config.get("initializer_range", 0.02),
-      position_encoding="absolute",
-  )
+  if family is MODERNBERT:
+    return modernbert.model_overrides(config, where)
+  return bert.model_overrides(config, family, where)
 
 
 def from_hf(config: Mapping[str, Any], state: Mapping[str, np.ndarray],
@@ -438,14 +257,16 @@ def from_hf(config: Mapping[str, Any], state: Mapping[str, np.ndarray],
   """`(model overrides, params)` from an HF config dict and state dict (see `import_hf`)."""
   overrides = model_overrides(config, directory)
   family = _FAMILIES[config["model_type"]]
-  c = ModelConfig(**overrides)
+  # With the layout asked for: a ModernBert cannot be scanned (ModelConfig says why).
+  c = ModelConfig(**overrides, scan_layers=scan_layers)
   check_exportable(c)
   state = {_modern_name(k): v for k, v in state.items()}
   base_prefix = family.prefix if any(k.startswith(family.prefix) for k in state) else ""
   architecture = (config.get("architectures") or [""])[0]
   lm_key = family.lm_head["transform/kernel"]
   lm_head = None
-  if lm_key in state:
+  if lm_key in state and (family is not MODERNBERT or architecture.endswith("ForMaskedLM")):
+    # (ModernBert's classifiers have a `head` too.)
     lm_head = CLM if config.get("is_decoder") or architecture.endswith(("LMHeadModel",
                                                                         "ForCausalLM")) else MLM
   nsp = family.nsp_head is not None and f"{family.nsp_head}.weight" in state
@@ -457,10 +278,13 @@ def from_hf(config: Mapping[str, Any], state: Mapping[str, np.ndarray],
     raise UserError(f"The checkpoint{' in ' + directory if directory else ''} lacks "
                     f"{missing[:3]}{' ...' if len(missing) > 3 else ''}: not a complete "
                     f"{family.model_type} model.")
-  flat = {e.path: np.asarray(e.from_hf(state[e.key]), np.float32) for e in entries}
-  decoder = "cls.predictions.decoder.weight" if family is BERT else "lm_head.decoder.weight"
-  if lm_head and decoder in state and not np.array_equal(
-      state[decoder], state[f"{base_prefix}embeddings.word_embeddings.weight"]):
+  flat = {path: np.asarray(array, np.float32)
+          for e in entries for path, array in e.read(state[e.key]).items()}
+  decoder = family.lm_head["output_embedding"]
+  tokens = (f"{base_prefix}{modernbert.TOKEN_TABLE}" if family is MODERNBERT else
+            f"{base_prefix}embeddings.word_embeddings.weight")
+  if lm_head and c.tie_output_embedding and decoder in state and not np.array_equal(
+      state[decoder], state[tokens]):
     raise UserError(f"The output projection{' in ' + directory if directory else ''} is not the "
                     "token embedding table; jaxlm's LM heads are tied to it.")
   for name, array in (extra or {}).items():

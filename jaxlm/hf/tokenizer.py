@@ -105,18 +105,20 @@ def _unmatchable_controls(proto, special: set[str]) -> list[str]:
 
 
 def export_tokenizer(tokenizer: tokenizer_lib.Tokenizer, directory: str,
-                     model_max_length: int) -> list[str]:
+                     model_max_length: int, token_types: bool = True) -> list[str]:
   """Writes the Hugging Face tokenizer files and the sentencepiece model into `directory`.
 
+  `token_types=False` (a model without a token-type table, as ModernBert): calls return no
+  `token_type_ids`, as ModernBERT's own tokenizer, since the model has nothing to read them with.
   Returns warnings (none for a tokenizer trained on text holding the letters of its special
   pieces).
   """
   from transformers import PreTrainedTokenizerFast
 
   fast, unmatched = fast_tokenizer(tokenizer.path)
+  inputs = [name for name in _INPUTS if token_types or name != "token_type_ids"]
   hf = PreTrainedTokenizerFast(tokenizer_object=fast, model_max_length=model_max_length,
-                               split_special_tokens=True, model_input_names=list(_INPUTS),
-                               **_SPECIAL)
+                               split_special_tokens=True, model_input_names=inputs, **_SPECIAL)
   hf.save_pretrained(directory)
   # The class name transformers 4.x knows too (5.x reads it as its `TokenizersBackend`).
   config_path = os.path.join(directory, "tokenizer_config.json")

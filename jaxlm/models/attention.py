@@ -10,12 +10,22 @@ query-key offset, with learned per-head biases `u` (`content_bias`) and `v` (`po
 
 With `position_encoding="rope"` (RoFormer) queries and keys are turned by their positions before
 the dot product (`rotary`), so a score depends on the query-key offset only; no parameters.
+
+`model.attention_impl` picks how scores, softmax and values are computed: "einsum" (this file's
+own einsums, with attention-probability dropout) or "xla" / "cudnn" through
+`jax.nn.dot_product_attention`, which has no dropout (config load refuses a non-zero
+`attention_dropout_rate` with them). The mask is passed as it is, a dense boolean array: cuDNN
+turns it into an additive bias, so its flash kernel still reads a `[B, 1|H, Q, K]` array and
+skips no masked block (the padding-by-lengths and `is_causal` forms it prefers are not derived
+from jaxlm's arbitrary masks). Relative positions go in as `bias` with "xla"; with "cudnn" they
+are refused (a dense trained bias per example is what flash attention avoids).
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxlm.errors import UserError
 from jaxlm.models import init
 from jaxlm.parallel import axes
 from jaxlm.models.config import ModelConfig
@@ -87,20 +97,15 @@ class MultiHeadAttention(nn.Module):
         positions = (jnp.arange(q_BQD.shape[1])[None], jnp.arange(kv_BKD.shape[1])[None])
       q_BQHK = rotary(q_BQHK, positions[0], c.rope_theta)
       k_BKHK = rotary(k_BKHK, positions[1], c.rope_theta)
-    # Scores and softmax in float32 whatever the compute dtype: bf16 softmax loses mass.
+    position_BHQK = None  # Relative positions: the score's position term, float32.
     if c.position_encoding == "relative":
-      scores_BHQK = self._relative_scores(q_BQHK, k_BKHK, positions)
+      q_BQHK, position_BHQK = self._relative_terms(q_BQHK, k_BKHK, positions)
+    if c.attention_impl == "einsum":
+      out_BQHK = self._einsum_attention(q_BQHK, k_BKHK, v_BKHK, mask_BHQK, position_BHQK,
+                                        deterministic)
     else:
-      scores_BHQK = jnp.einsum("bqhd,bkhd->bhqk", q_BQHK, k_BKHK,
-                               preferred_element_type=jnp.float32)
-    scores_BHQK = jnp.where(mask_BHQK, scores_BHQK, jnp.finfo(jnp.float32).min)
-    probs_BHQK = jax.nn.softmax(scores_BHQK, axis=-1)
-    # A row with no visible key (XLNet's first target when every other token is a target, a row
-    # of padding) attends to nothing rather than to everything.
-    probs_BHQK = jnp.where(jnp.any(mask_BHQK, axis=-1, keepdims=True), probs_BHQK, 0.0)
-    probs_BHQK = probs_BHQK.astype(c.dtype)
-    probs_BHQK = nn.Dropout(c.attention_dropout_rate)(probs_BHQK, deterministic=deterministic)
-    out_BQHK = jnp.einsum("bhqk,bkhd->bqhd", probs_BHQK, v_BKHK)
+      out_BQHK = self._fused_attention(q_BQHK, k_BKHK, v_BKHK, mask_BHQK, position_BHQK,
+                                       deterministic)
     out_BQHK = nn.with_logical_constraint(out_BQHK, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.KV))
     return Projection(
         c,
@@ -111,8 +116,52 @@ class MultiHeadAttention(nn.Module):
         name="out",
     )(out_BQHK)
 
-  def _relative_scores(self, q_BQHK, k_BKHK, positions) -> jax.Array:
-    """Transformer-XL's `(q + u) . k + (q + v) . W_r r(i - j)`, float32 `[B, H, Q, K]`.
+  def _einsum_attention(self, q_BQHK, k_BKHK, v_BKHK, mask_BHQK, position_BHQK,
+                        deterministic: bool) -> jax.Array:
+    """softmax(q . k (+ the position term), masked), dropped out, times v: `[B, Q, H, K]`."""
+    c = self.config
+    # Scores and softmax in float32 whatever the compute dtype: bf16 softmax loses mass.
+    scores_BHQK = jnp.einsum("bqhd,bkhd->bhqk", q_BQHK, k_BKHK,
+                             preferred_element_type=jnp.float32)
+    if position_BHQK is not None:
+      scores_BHQK = scores_BHQK + position_BHQK
+    scores_BHQK = jnp.where(mask_BHQK, scores_BHQK, jnp.finfo(jnp.float32).min)
+    probs_BHQK = jax.nn.softmax(scores_BHQK, axis=-1)
+    # A row with no visible key (XLNet's first target when every other token is a target, a row
+    # of padding) attends to nothing rather than to everything.
+    probs_BHQK = jnp.where(jnp.any(mask_BHQK, axis=-1, keepdims=True), probs_BHQK, 0.0)
+    probs_BHQK = probs_BHQK.astype(c.dtype)
+    probs_BHQK = nn.Dropout(c.attention_dropout_rate)(probs_BHQK, deterministic=deterministic)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs_BHQK, v_BKHK)
+
+  def _fused_attention(self, q_BQHK, k_BKHK, v_BKHK, mask_BHQK, position_BHQK,
+                       deterministic: bool) -> jax.Array:
+    """The same attention through `jax.nn.dot_product_attention` ("xla" or "cudnn"): `[B, Q, H,
+    K]`, with the einsum path's rule for a query row that sees no key (a zero output)."""
+    c = self.config
+    if not deterministic and c.attention_dropout_rate > 0:
+      # Config load refuses this; a config changed after it (fine-tuning's dropout) lands here.
+      raise UserError(
+          f"model.attention_impl '{c.attention_impl}' has no attention-probability dropout but "
+          f"attention_dropout_rate is {c.attention_dropout_rate}: set it to 0, or use "
+          "attention_impl=einsum.")
+    if c.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+      raise UserError(
+          f"model.attention_impl is 'cudnn' (NVIDIA's flash attention) but JAX runs on "
+          f"'{jax.default_backend()}': use attention_impl=xla (or einsum) off NVIDIA GPUs.")
+    mask_BHQK = jnp.asarray(mask_BHQK, bool)
+    # q arrives divided by sqrt(head_dim) (the einsum path's and the relative biases' scale).
+    out_BQHK = jax.nn.dot_product_attention(
+        q_BQHK, k_BKHK, v_BKHK, bias=position_BHQK, mask=mask_BHQK, scale=1.0,
+        implementation=c.attention_impl)
+    # The softmax of a row with every key masked is uniform over all keys: zero it instead.
+    visible_BQH1 = jnp.any(mask_BHQK, axis=-1).transpose(0, 2, 1)[..., None]
+    return jnp.where(visible_BQH1, out_BQHK, jnp.zeros((), out_BQHK.dtype))
+
+  def _relative_terms(self, q_BQHK, k_BKHK, positions) -> tuple[jax.Array, jax.Array]:
+    """Transformer-XL's score `(q + u) . k + (q + v) . W_r r(i - j)` as its two pieces: the
+    content term's queries `q + u` (`[B, Q, H, K]`, the compute dtype) and the position term
+    (float32 `[B, H, Q, K]`), which the attention adds to the scores (or passes as `bias`).
 
     The position term is computed once per query against all 2K offsets, then each key picks
     its offset: by the relative shift (a reshape) when positions are 0..K-1, by a gather when
@@ -129,12 +178,11 @@ class MultiHeadAttention(nn.Module):
     r_RHK = Projection(c, "rd,dhk->rhk", (c.hidden_size, c.num_heads, c.head_dim),
                        (axes.EMBED, axes.HEADS, axes.KV), None, name="position")(
                            sinusoidal_offsets(length, c.hidden_size))
-    content_BHQK = jnp.einsum("bqhd,bkhd->bhqk", q_BQHK + scale * content_bias_HK.astype(c.dtype),
-                              k_BKHK, preferred_element_type=jnp.float32)
+    content_q_BQHK = q_BQHK + scale * content_bias_HK.astype(c.dtype)
     position_BHQR = jnp.einsum("bqhd,rhd->bhqr", q_BQHK + scale * position_bias_HK.astype(c.dtype),
                                r_RHK, preferred_element_type=jnp.float32)
     if positions is None:
-      return content_BHQK + relative_shift(position_BHQR)
+      return content_q_BQHK, relative_shift(position_BHQR)
     q_positions_BQ, k_positions_BK = positions
     # Row r of the table holds offset K - r.
     index_BQK = length - (q_positions_BQ[:, :, None] - k_positions_BK[:, None, :])
@@ -142,7 +190,7 @@ class MultiHeadAttention(nn.Module):
     # broadcast, so no [B, H, Q, K] index array is built (the broadcast costs ~40% more memory).
     pick = jax.vmap(lambda x_QR, i_QK: jnp.take_along_axis(x_QR, i_QK, axis=-1),
                     in_axes=(0, None))
-    return content_BHQK + jax.vmap(pick)(position_BHQR, index_BQK)
+    return content_q_BQHK, jax.vmap(pick)(position_BHQR, index_BQK)
 
 
 def rotary(x_BLHK: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:

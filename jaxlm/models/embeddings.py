@@ -1,7 +1,8 @@
 """Token, position and token-type embeddings, summed, normalised and dropped out (BERT).
 
 With relative or rotary position encoding the position table is left out: attention carries
-positions.
+positions. With `type_vocab_size=0` the token-type table is left out and token types are ignored
+(ModernBERT embeds the tokens alone).
 """
 
 import flax.linen as nn
@@ -52,7 +53,8 @@ class Embeddings(nn.Module):
       if position_ids_BL is None:
         position_ids_BL = jnp.broadcast_to(jnp.arange(input_ids_BL.shape[1]), input_ids_BL.shape)
       h_BLD = h_BLD + table("position", c.max_position, axes.POSITION)(position_ids_BL)
-    h_BLD = h_BLD + table("token_type", c.type_vocab_size, axes.TOKEN_TYPE)(token_type_ids_BL)
+    if c.type_vocab_size:
+      h_BLD = h_BLD + table("token_type", c.type_vocab_size, axes.TOKEN_TYPE)(token_type_ids_BL)
     h_BLD = init.norm(c, name="layer_norm")(h_BLD)
     h_BLD = nn.Dropout(c.dropout_rate)(h_BLD, deterministic=deterministic)
     return h_BLD, tokens.embedding

@@ -78,7 +78,10 @@ def _layers(c: ModelConfig, h_BLD, g_BPD, views, deterministic: bool):
   """
   if not c.scan_layers:
     for i in range(c.num_layers):
-      layer = _layer_class(c)(c, name=f"layer_{i}")
+      # ModernBERT's layer 0 may go without its attention norm (ModelConfig refuses that with
+      # scan_layers, whose layers share one structure).
+      layer = _layer_class(c)(c, attention_norm=i > 0 or c.first_layer_attention_norm,
+                              name=f"layer_{i}")
       h_BLD, g_BPD = _apply_layer(layer, h_BLD, g_BPD, views, deterministic)
     return h_BLD, g_BPD
   scan = nn.scan(

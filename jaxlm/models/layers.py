@@ -20,6 +20,10 @@ _ACTIVATIONS = {
 }
 
 
+def _identity(x: jax.Array) -> jax.Array:
+  return x
+
+
 class Mlp(nn.Module):
   """gelu: `wo(gelu(wi h))`. geglu / swiglu: `wo(act(wi_gate h) * wi_up h)`, two input
   projections of `mlp_dim` each (Shazeer 2020, "GLU variants improve Transformer")."""
@@ -46,9 +50,13 @@ class TransformerLayer(nn.Module):
   Self-attention by default; given a `context`, the queries `x` attend over it instead. That is
   XLNet's query stream: the same layer (every weight shared) run on the query vectors `g` with
   the content stream `h` as keys and values.
+
+  `attention_norm=False` (pre-LN only) leaves out the norm before attention: ModernBERT's layer 0,
+  whose input, the embedding output, is normalised already.
   """
 
   config: ModelConfig
+  attention_norm: bool = True
 
   @nn.compact
   def __call__(
@@ -65,7 +73,7 @@ class TransformerLayer(nn.Module):
     mlp = Mlp(c, name="mlp")
     drop = nn.Dropout(c.dropout_rate)
     if c.pre_layer_norm:
-      attention_norm = init.norm(c, "attention_norm")
+      attention_norm = init.norm(c, "attention_norm") if self.attention_norm else _identity
       h = attention_norm(x_BLD)
       kv = h if context_BKD is None else attention_norm(context_BKD)
       x_BLD = x_BLD + drop(attention(h, kv, mask_BHQK, deterministic, positions),

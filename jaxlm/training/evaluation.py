@@ -117,7 +117,7 @@ def evaluate_run(workdir: str, config=None, step: int | None = None, *,
   d = config.data
   tokens_seen = run.step * d.batch_size * d.seq_len
   row.update(tokens_seen=tokens_seen, model_flops=tokens_seen * flops.training_flops_per_token(
-      run.model_config, d.seq_len, objectives))
+      run.model_config, d.seq_len, objectives, rows_per_step=d.batch_size))
   if write and jax.process_index() == 0:
     _append_row(workdir, run.step, row)
   return {"step": run.step, **row}

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from jaxlm import config as config_lib
 from jaxlm.data import labelled, setup as data_setup, tokenizer as tokenizer_lib
 from jaxlm.errors import UserError
 from jaxlm.models import ModelConfig, Pretrainer
@@ -53,6 +54,7 @@ def _validate(config: ml_collections.ConfigDict) -> None:
               "microbatches"):
     if config.train[key] <= 0:
       raise UserError(f"train.{key} is {config.train[key]}; it must be a positive integer.")
+  config_lib.validate_trainer_options(config.train)
 
 
 def load_source(config: ml_collections.ConfigDict) -> Source:

@@ -135,32 +135,35 @@ def peak_flops_per_device(override_tflops: float = 0.0) -> float:
   return peak_flops(override_tflops)[0] / jax.device_count()
 
 
-def encoder_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+def encoder_flops_per_token(config: ModelConfig, seq_len: int, rows_per_step: int = 1) -> float:
   """Training FLOPs (forward + backward = 3 x forward) per input token of the encoder.
 
   6 x matmul parameters of the layers (a gated MLP has 3 matrices, a plain one 2), plus
   attention scores and values (12 x layers x hidden x seq). Relative attention adds, per layer,
-  the projection of 2 x seq offset encodings and each query's scores against them. Heads add
-  their own (`Objective.flops_per_token`).
+  each query's scores against 2 x seq offsets, and the projection of those offsets' encodings:
+  made once per step for the whole batch (it has no batch axis), so shared by its
+  `rows_per_step` sequences. Heads add their own (`Objective.flops_per_token`).
   """
   d, f, n = config.hidden_size, config.mlp_dim, config.num_layers
   mlp_matrices = 2 if config.mlp_activation == "gelu" else 3
   flops = 6 * n * (4 * d * d + mlp_matrices * d * f) + 12 * n * d * seq_len
   if config.position_encoding == "relative":
-    flops += 6 * n * (2 * d * d + 2 * d * seq_len)
+    flops += 6 * n * (2 * d * d / max(rows_per_step, 1) + 2 * d * seq_len)
   return float(flops)
 
 
 def training_flops_per_token(config: ModelConfig, seq_len: int, objectives: Sequence[Objective],
-                             predictions_per_seq: Mapping[str, float] | None = None) -> float:
+                             predictions_per_seq: Mapping[str, float] | None = None,
+                             rows_per_step: int = 1) -> float:
   """A step's training FLOPs per input token: one encoder pass per view the enabled objectives
   need, plus each objective's head and view-specific work (PLM's query stream).
 
   `predictions_per_seq` maps an objective's name to the mean predictions per sequence measured
   in the batches (e.g. `mlm_weights.sum() / rows`); objectives whose head cost follows it (MLM)
-  use it, the others (and any absent) their own expectation.
+  use it, the others (and any absent) their own expectation. `rows_per_step`: the global batch
+  (what the encoder computes once per step is shared by it).
   """
   predictions_per_seq = predictions_per_seq or {}
   passes = len({o.view for o in objectives if o.head})
-  return passes * encoder_flops_per_token(config, seq_len) + sum(
+  return passes * encoder_flops_per_token(config, seq_len, rows_per_step) + sum(
       o.flops_per_token(config, predictions_per_seq.get(o.name)) for o in objectives)

@@ -64,7 +64,8 @@ def pretraining_task(config: ml_collections.ConfigDict, workdir: str,
       data_fingerprint=sources.fingerprint,
       data_description=sources.description,
       flops_per_token=flops.training_flops_per_token(model_config, config.data.seq_len,
-                                                      objectives),
+                                                      objectives,
+                                                      rows_per_step=config.data.batch_size),
   )
 
 

@@ -160,7 +160,8 @@ def step_benchmark(config, steps: int, warmup: int, matmul_size: int | None = No
   # Predictions per sequence the batches really had (the step's own counts, as the loop's).
   predictions = {o.name: statistics.fmean(c[f"{o.name}_loss/count"] for c in counts) / d.batch_size
                  for o in objectives if o.perplexity}
-  model_flops = flops.training_flops_per_token(model_config, d.seq_len, objectives, predictions)
+  model_flops = flops.training_flops_per_token(model_config, d.seq_len, objectives, predictions,
+                                               rows_per_step=d.batch_size)
   peak = max(peak_before, peak_after)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
@@ -185,5 +186,7 @@ def step_benchmark(config, steps: int, warmup: int, matmul_size: int | None = No
       predictions_per_seq={k: round(v, 3) for k, v in predictions.items()},
       objectives=[o.name for o in objectives], batch_size=d.batch_size, seq_len=d.seq_len,
       microbatches=t.microbatches, dropout=model_config.dropout_rate,
+      attention_dropout=model_config.attention_dropout_rate,
+      attention_impl=model_config.attention_impl, prng_impl=t.prng_impl,
       steps=steps, warmup=warmup, devices=jax.device_count(), device_kind=device.device_kind,
       xla_flags=os.environ.get("XLA_FLAGS", ""), load_average=list(os.getloadavg()))

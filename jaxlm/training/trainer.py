@@ -30,7 +30,8 @@ from jaxlm.data import setup as data_setup, shards
 from jaxlm.errors import UserError
 from jaxlm.objectives import Objective
 from jaxlm.parallel import mesh as mesh_lib, rules as rules_lib
-from jaxlm.training import checkpoints, evaluation, flops, optimizer, preemption, provenance
+from jaxlm.training import checkpoints, evaluation, flops, optimizer, preemption, profiling
+from jaxlm.training import provenance
 from jaxlm.training import state as state_lib, step as step_lib, workdir as workdir_lib
 from jaxlm.training.interval import Interval, account
 from jaxlm.training.metrics import MetricWriter
@@ -69,10 +70,15 @@ class Task:
 def seed_keys(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
   """The parameter-init and dropout keys, from `seeds.init` and `seeds.dropout` (the data seed
   goes to the loader). With both derived from train.seed they are the keys used before the
-  seeds were split, so existing runs give the same numbers."""
+  seeds were split, so existing runs give the same numbers.
+
+  The dropout key is of `train.prng_impl`'s implementation (the step folds the step number into
+  it, so no key is ever saved: a resumed run draws what it would have drawn). Initialisation
+  keeps threefry: parameters do not depend on the dropout generator."""
   seeds = config_lib.resolved_seeds(config)
+  impl = config_lib.PRNG_IMPLS[config.train.prng_impl]
   return (jax.random.fold_in(jax.random.key(seeds["init"]), 0),
-          jax.random.fold_in(jax.random.key(seeds["dropout"]), 1))
+          jax.random.fold_in(jax.random.key(seeds["dropout"], impl=impl), 1))
 
 
 def make_mesh(config: ml_collections.ConfigDict, process_count: int) -> jax.sharding.Mesh:
@@ -190,6 +196,9 @@ def fit(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str
     logging.info("Peak for MFU: %.3g FLOP/s (%s)", peak, peak_source)
 
     stop = preemption.StopRequest(checkpointer.reached_preemption, process_count > 1)
+    profiler = profiling.StepProfiler(
+        config_lib.profile_range(t), start,
+        profiling.profile_dir(workdir, jax.process_index(), process_count))
     writer = MetricWriter(workdir, resume_step=start, enabled=is_main)
     # The partial log interval and skip count travel with the checkpoint, so the rows of a
     # resumed run equal those of an uninterrupted one.
@@ -206,11 +215,13 @@ def fit(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str
     try:
       for step, host_batch in task.train_loader.iterate(start, t.steps, workers=d.workers):
         batch = evaluation.global_batch(host_batch, batch_sharding, process_count)
+        done = step + 1
+        profiler.before(done)
         state, metrics = train_compiled(state, batch, dropout_rng, frozen)
+        profiler.after(done, (state, metrics))
         if pending is not None:
           consecutive_skips = account(interval, pending, consecutive_skips, t, checkpointer)
         pending = metrics
-        done = step + 1
         progress.update(1)
         if done == 1 or done % t.log_every == 0 or done == t.steps:
           consecutive_skips = account(interval, pending, consecutive_skips, t, checkpointer)
@@ -225,7 +236,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str
               mfu=flops.training_flops_per_token(
                   model.config, d.seq_len, objectives,
                   {name: interval.sums.get(f"{name}_loss/count", 0.0)
-                   / max(interval.steps * d.batch_size, 1) for name in token_objectives}
+                   / max(interval.steps * d.batch_size, 1) for name in token_objectives},
+                  rows_per_step=d.batch_size,
               ) * tokens_per_sec / peak if peak else 0.0,
               skipped_steps=interval.skipped,
           )
@@ -269,6 +281,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str
           break
       checkpointer.wait()
     finally:
+      profiler.stop()
       stop.restore()
       progress.close()
       writer.close()
