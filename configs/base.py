@@ -38,6 +38,14 @@ def get_config() -> ml_collections.ConfigDict:
           # rbg's bits differ by backend, and on TPU with
           # --xla_tpu_spmd_rng_bit_generator_unsafe=true they would follow the mesh (untested).
           prng_impl="threefry",
+          # Batch-size ramp (Cramming, GPT-3): the first batch_ramp_steps steps run in
+          # data.batch_size / batch_ramp_start stages of equal length at global batches
+          # batch_ramp_start, 2 x batch_ramp_start, ..., data.batch_size, then data.batch_size to
+          # the end. batch_ramp_start must divide data.batch_size (and divide by the processes x
+          # data-parallel devices x microbatches). Costs one compile of the step per stage.
+          # 0 = off: the whole run at data.batch_size.
+          batch_ramp_steps=0,
+          batch_ramp_start=0,
       )
   )
 

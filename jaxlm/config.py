@@ -35,6 +35,7 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
         f"data.batch_size ({d.batch_size}) must be positive and divisible by the "
         f"{process_count} processes."
     )
+  validate_batch_ramp(config, process_count)
   if not 0.0 <= d.short_seq_prob <= 1.0 or not 0.0 < d.eval_fraction < 1.0:
     raise UserError("data.short_seq_prob must be in [0, 1] and data.eval_fraction in (0, 1).")
   if d.eval_examples < 1:
@@ -53,6 +54,34 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
     raise UserError("optimizer.learning_rate must be positive and optimizer.warmup_steps >= 0.")
 
 
+def validate_batch_ramp(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
+  """`train.batch_ramp_steps` and `train.batch_ramp_start` (the mesh's part of the check, that
+  the first batch splits over the data-parallel devices, is `trainer.make_mesh`'s)."""
+  t, d = config.train, config.data
+  steps, first = t.batch_ramp_steps, t.batch_ramp_start
+  if steps < 0 or first < 0:
+    raise UserError(f"train.batch_ramp_steps ({steps}) and train.batch_ramp_start ({first}) "
+                    "must be >= 0 (0 = no ramp).")
+  if steps == 0:
+    if first:
+      raise UserError(f"train.batch_ramp_start is {first} but train.batch_ramp_steps is 0 (no "
+                      "ramp): set train.batch_ramp_steps to ramp the batch, or "
+                      "train.batch_ramp_start=0.")
+    return
+  if first == 0 or d.batch_size % first:
+    raise UserError(f"train.batch_ramp_start ({first}) must be a positive divisor of "
+                    f"data.batch_size ({d.batch_size}): the ramp's batches are its multiples up "
+                    f"to data.batch_size, e.g. {d.batch_size // 4 or 1}.")
+  if first % process_count:
+    raise UserError(f"train.batch_ramp_start ({first}) must be divisible by the "
+                    f"{process_count} processes, so that every ramp batch splits over them.")
+  stages = d.batch_size // first
+  if steps < stages:
+    raise UserError(f"train.batch_ramp_steps ({steps}) is shorter than the ramp's {stages} "
+                    f"stages (data.batch_size / train.batch_ramp_start): every stage needs a "
+                    f"step. Use at least {stages} steps or a larger train.batch_ramp_start.")
+
+
 def recipe_warnings(config: ml_collections.ConfigDict) -> list[str]:
   """Settings that run but silently change the recipe a researcher asked for, one line each.
 
@@ -66,6 +95,10 @@ def recipe_warnings(config: ml_collections.ConfigDict) -> list[str]:
     found.append(
         f"optimizer.warmup_steps ({o.warmup_steps}) >= train.steps ({t.steps}): the learning "
         f"rate never reaches its peak {o.learning_rate:g} and its decay never starts.")
+  if t.get("batch_ramp_steps", 0) >= t.steps:  # Fine-tuning configs have no ramp keys.
+    found.append(
+        f"train.batch_ramp_steps ({t.batch_ramp_steps}) >= train.steps ({t.steps}): the run "
+        "ends inside the batch-size ramp.")
   mlm = config.get("objectives", {}).get("mlm")
   if mlm is not None and mlm.weight > 0 and mlm.max_predictions_per_seq != -1:
     wanted = mlm.mask_rate * d.seq_len

@@ -1,11 +1,13 @@
 """The deterministic, resumable, host-sharded input pipeline over a prepared split.
 
-Example `g` of a run (g = step x global batch + row) is example `perm_e(g % N)` of the format,
-where `e = g // N` is its epoch, N the examples in one pass, and `perm_e` a lazily evaluated
-pseudo-random permutation keyed by (seed, epoch): no epoch is ever built. Every random choice for
-row g (the format's pairs and NSP draws, each transform's masks) comes from counter-based keys
-of (seed, stream, g), so a resumed run, or a run on another number of hosts, sees exactly the
-same batches; the checkpoint needs only the step. Each host computes only its rows.
+Example `g` of a run (g = step x global batch + row; with a batch-size ramp, g = offset(step) +
+row, offset being the rows of all earlier steps: `batch_schedule.py`) is example `perm_e(g % N)`
+of the format, where `e = g // N` is its epoch, N the examples in one pass, and `perm_e` a
+lazily evaluated pseudo-random permutation keyed by (seed, epoch): no epoch is ever built.
+Every random choice for row g (the format's pairs and NSP draws, each transform's masks) comes
+from counter-based keys of (seed, stream, g), so a resumed run, or a run on another number of
+hosts, sees exactly the same batches; the checkpoint needs only the step. Each host computes
+only its rows.
 
 The eval set is fixed: example k < `num_examples` is example `perm(k)` under the eval seed, its
 masks keyed by k; the last batch is filled with padding rows that objectives weigh 0.
@@ -23,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from jaxlm.data import random as random_lib
+from jaxlm.data.batch_schedule import BatchSchedule
 from jaxlm.data.formats import Format
 from jaxlm.errors import UserError
 
@@ -48,11 +51,19 @@ class BatchLoader:
       process_count: int = 1,
       num_examples: int | None = None,
       shuffle: bool = True,
+      schedule: BatchSchedule | None = None,
   ):
     """`num_examples` makes a fixed set (eval): that many examples, then padding, no epochs.
-    `shuffle=False` takes the examples in their order (a labelled eval file, line by line)."""
+    `shuffle=False` takes the examples in their order (a labelled eval file, line by line).
+    `schedule`: a training stream whose global batch varies by step (a ramp); None keeps
+    `global_batch_size` throughout."""
     if global_batch_size % process_count:
       raise ValueError(f"batch {global_batch_size} does not split over {process_count} hosts")
+    if schedule is not None and (
+        num_examples is not None or schedule.batch_size != global_batch_size
+        or (schedule.ramp_steps and schedule.ramp_start % process_count)):
+      raise ValueError(f"schedule {schedule} does not fit a stream of {global_batch_size} "
+                       f"over {process_count} hosts (or a fixed set)")
     self.format = fmt
     self._batch = global_batch_size
     self._transforms = [(name, random_lib.salt(name), fn) for name, fn in transforms]
@@ -61,6 +72,8 @@ class BatchLoader:
     self.num_examples = None if num_examples is None else min(num_examples, self.epoch_size)
     per_process = global_batch_size // process_count
     self._rows = np.arange(per_process * process_index, per_process * (process_index + 1))
+    self._process_index, self._process_count = process_index, process_count
+    self.schedule = schedule
     self._permutations: dict[int, random_lib.IndexPermutation] = {}
     self._shuffle = shuffle
 
@@ -79,7 +92,12 @@ class BatchLoader:
 
   def example_indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     """Global example numbers of this process's rows, and their examples in the format."""
-    g = step * self._batch + self._rows
+    if self.schedule is None:
+      g = step * self._batch + self._rows
+    else:  # This process's block of the step's global batch, as without a ramp.
+      per_process = self.schedule.size(step) // self._process_count
+      g = (self.schedule.offset(step) + per_process * self._process_index
+           + np.arange(per_process, dtype=np.int64))
     if not self._shuffle:
       return g, g % self.epoch_size
     epochs = g // self.epoch_size
@@ -93,7 +111,8 @@ class BatchLoader:
     """This process's rows of the global batch of `step`."""
     g, examples = self.example_indices(step)
     real = np.ones(len(g), bool) if self.num_examples is None else g < self.num_examples
-    batch = self.format.examples(examples[real], random_lib.row_keys(self._seed, self._stream_id, g[real]))
+    batch = self.format.examples(
+        examples[real], random_lib.row_keys(self._seed, self._stream_id, g[real]))
     if not real.all():
       filler = self.format.padding(int((~real).sum()))
       batch = {k: np.concatenate([batch[k], filler[k]]) for k in batch}
@@ -169,7 +188,9 @@ def _from_processes(loader: BatchLoader, start: int, stop: int, workers: int,
       loader, start + k, stop, workers, ready[k], free[k], stopping)) for k in range(workers)]
   for process in processes:
     process.start()
-  attached: dict[str, shared_memory.SharedMemory] = {}
+  # (worker, slot) -> the block it is in now; a worker replaces a slot's block by a larger one
+  # when the batch grows (a batch-size ramp), and the old one is closed here then.
+  attached: dict[tuple[int, int], shared_memory.SharedMemory] = {}
   try:
     for step in range(start, stop):
       k = (step - start) % workers
@@ -187,9 +208,12 @@ def _from_processes(loader: BatchLoader, start: int, stop: int, workers: int,
         raise UserError(name)
       if got < 0:
         raise RuntimeError(f"A data worker failed:\n{name}")
-      if name not in attached:
-        attached[name] = shared_memory.SharedMemory(name=name)
-      buf = attached[name].buf
+      memory = attached.get((k, slot))
+      if memory is None or memory.name.lstrip("/") != name.lstrip("/"):
+        if memory is not None:
+          memory.close()
+        memory = attached[k, slot] = shared_memory.SharedMemory(name=name)
+      buf = memory.buf
       batch = {key: np.ndarray(shape, np.dtype(dtype), buf, offset).copy()
                for key, shape, dtype, offset in layout}
       free[k].put(slot)

@@ -48,3 +48,20 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> jax.sharding.M
   except (ValueError, NotImplementedError):  # No topology-aware layout for this shape.
     grid = np.asarray(devices).reshape(shape)
   return jax.sharding.Mesh(grid, AXES)
+
+
+def wait_for_processes(name: str, timeout_s: int = 1800) -> None:
+  """Blocks until every process of a multi-process run reaches `name` (no-op with one process).
+
+  Through the coordination service's barrier, not a device collective: the CPU backend's first
+  collective sets up its gloo context with a fixed 30 s wait for the peers, which a process still
+  compiling on a loaded host misses (seen: a 53 s compile). Called after each compile, so the
+  step's collectives start together.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # The client jax's own array serialization waits on.
+
+  client = distributed.global_state.client
+  if client is not None:
+    client.wait_at_barrier(f"jaxlm:{name}", timeout_in_ms=timeout_s * 1000)

@@ -100,6 +100,7 @@ def evaluate_run(workdir: str, config=None, step: int | None = None, *,
                  write: bool = True) -> dict[str, float]:
   """Evaluates the checkpoint of a trained run (parameters only) on its fixed eval sets, as
   its training did; appends the row to `<workdir>/metrics.jsonl` when `write`."""
+  from jaxlm.data import batch_schedule
   from jaxlm.parallel import rules as rules_lib
   from jaxlm.training import flops, inputs, pretrained
 
@@ -115,9 +116,12 @@ def evaluate_run(workdir: str, config=None, step: int | None = None, *,
         replicated=rules_lib.replicated(run.mesh))
     row = evaluator(run.params)
   d = config.data
-  tokens_seen = run.step * d.batch_size * d.seq_len
-  row.update(tokens_seen=tokens_seen, model_flops=tokens_seen * flops.training_flops_per_token(
-      run.model_config, d.seq_len, objectives, rows_per_step=d.batch_size))
+  ramp = batch_schedule.from_config(config)
+  rows_by_size = ramp.rows_by_size(run.step) if ramp else {d.batch_size: run.step * d.batch_size}
+  row.update(tokens_seen=sum(rows_by_size.values()) * d.seq_len, model_flops=sum(
+      rows * d.seq_len * flops.training_flops_per_token(
+          run.model_config, d.seq_len, objectives, rows_per_step=size)
+      for size, rows in rows_by_size.items()))
   if write and jax.process_index() == 0:
     _append_row(workdir, run.step, row)
   return {"step": run.step, **row}

@@ -10,7 +10,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from jaxlm import config as config_lib
-from jaxlm.data import formats, loader as loader_lib, setup as data_setup
+from jaxlm.data import batch_schedule, formats, loader as loader_lib, setup as data_setup
 from jaxlm.errors import UserError
 from jaxlm.objectives import DataSpec, Objective, build_objectives
 
@@ -55,16 +55,16 @@ def build_inputs(
   if d.format != "pairs":
     example_options = {}
 
-  def loader(fmt, transforms, seed, stream_id, num_examples=None):
+  def loader(fmt, transforms, seed, stream_id, num_examples=None, schedule=None):
     return loader_lib.BatchLoader(
         fmt, global_batch_size=d.batch_size, transforms=transforms, seed=seed,
         stream_id=stream_id, process_index=process_index, process_count=process_count,
-        num_examples=num_examples)
+        num_examples=num_examples, schedule=schedule)
 
   train = loader(formats.make_format(d.format, sources.train, d.seq_len, **example_options),
                  [(o.name, o.host_transform) for o in objectives],
                  config_lib.resolved_seeds(config)["data"],
-                 loader_lib.TRAIN_STREAM)
+                 loader_lib.TRAIN_STREAM, schedule=batch_schedule.from_config(config))
   # The fixed eval sets: sentence windows for token-level objectives, BERT pairs for NSP;
   # each corrupted only by the objectives evaluated on it (NSP sees unmasked pairs in every arm).
   evals = {}

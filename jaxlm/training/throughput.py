@@ -5,6 +5,7 @@ A library module (no absl flags), so tests and other tools import it without the
 flag definitions.
 """
 
+import copy
 import os
 import time
 
@@ -18,6 +19,10 @@ def pipeline_benchmark(config, workdir: str, steps: int, warmup: int) -> dict:
   from jaxlm.training import inputs, loop
 
   config_lib.validate(config)
+  # The full batch's pipeline, as the figures below count it: a batch-size ramp's first steps
+  # would be smaller.
+  config = copy.deepcopy(config)
+  config.train.update(batch_ramp_steps=0, batch_ramp_start=0)
   loop.prepare_workdir(workdir)
   sources, objectives, train, _ = inputs.build_inputs(config, workdir, config.model.vocab_size)
   d = config.data

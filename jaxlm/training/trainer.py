@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from jaxlm import config as config_lib
 from jaxlm.data import setup as data_setup, shards
+from jaxlm.data.batch_schedule import BatchSchedule
 from jaxlm.errors import UserError
 from jaxlm.objectives import Objective
 from jaxlm.parallel import mesh as mesh_lib, rules as rules_lib
@@ -55,7 +56,9 @@ class Task:
 
   model: nn.Module
   objectives: Sequence[Objective]
-  train_loader: Any  # `.batch(step)` and `.iterate(start, stop, workers=...)` of host rows.
+  # `.batch(step)` and `.iterate(start, stop, workers=...)` of host rows; `.schedule`, the
+  # global batch by step (a BatchSchedule of a batch-size ramp, or None: data.batch_size).
+  train_loader: Any
   eval_sets: evaluation.EvalSets
   data_fingerprint: str
   data_description: dict  # Written to `<workdir>/dataset.json`.
@@ -97,6 +100,14 @@ def make_mesh(config: ml_collections.ConfigDict, process_count: int) -> jax.shar
         f"the micro-batches (mesh.data x mesh.fsdp x train.microbatches = {batch_ways}). Use a "
         f"multiple of {batch_ways}."
     )
+  # Every ramp batch is a multiple of the first. Fine-tuning configs have no ramp keys.
+  ramp_start = t.get("batch_ramp_start", 0) if t.get("batch_ramp_steps", 0) else 0
+  if ramp_start % batch_ways:
+    raise UserError(
+        f"train.batch_ramp_start ({ramp_start}) is not divisible by the data-parallel devices "
+        f"times the micro-batches (mesh.data x mesh.fsdp x train.microbatches = {batch_ways}), "
+        f"so the ramp's batches would not split over them. Use a multiple of {batch_ways}."
+    )
   return mesh
 
 
@@ -116,6 +127,9 @@ def fit(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str
   rules = rules_lib.rules_from_config(config.mesh)
   model, objectives, trainable = task.model, task.objectives, task.trainable
   tx, schedule = optimizer.make_optimizer(config.optimizer, t.steps)
+  # Without a ramp, the constant schedule: one batch size, the same arithmetic as before.
+  ramp = task.train_loader.schedule
+  schedule_of_batches = ramp or BatchSchedule(d.batch_size, 0, 0)
   first = task.train_loader.batch(0)
   global_shapes, init_batch = evaluation.batch_shapes(first, process_count)
   batch_sharding = rules_lib.batch_sharding(mesh, rules)
@@ -152,6 +166,12 @@ def fit(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str
       if position.get("global_batch_size") != d.batch_size:
         logging.warning("Resuming with data.batch_size %d, saved with %s: the data stream moves.",
                         d.batch_size, position.get("global_batch_size"))
+      # Checkpoints from before the ramp existed record none: their runs had none.
+      saved_ramp = position.get("batch_ramp")
+      if saved_ramp != (ramp.to_json() if ramp else None):
+        logging.warning("Resuming with batch-size ramp %s, saved with %s: the data stream moves "
+                        "and the batch sizes of the remaining steps change.",
+                        ramp.to_json() if ramp else None, saved_ramp)
       logging.info("Resumed from the checkpoint at step %d", start)
     if is_main:  # After the check above: a refused resume leaves the records as they were.
       write_config(config, workdir)
@@ -185,12 +205,35 @@ def fit(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str
                                     batch_sharding=batch_sharding, replicated=replicated,
                                     merge=trainable.merge)
     dropout_rng = jax.device_put(dropout_rng, replicated)
-    compile_start = time.perf_counter()
-    train_compiled = train_fn.lower(abstract, global_shapes, dropout_rng, frozen).compile()
-    logging.info("Train step compiled in %.1f s", time.perf_counter() - compile_start)
+    compiled_steps: dict[int, Any] = {}  # Global batch -> the step compiled for it.
 
-    tokens_per_step = d.batch_size * d.seq_len
-    flops_per_token = task.flops_per_token
+    def compiled_step(size: int):
+      """The step for a global batch of `size` rows, compiled on first use (a ramp: once per
+      stage)."""
+      if size not in compiled_steps:
+        compile_start = time.perf_counter()
+        shapes = {k: jax.ShapeDtypeStruct((size,) + v.shape[1:], v.dtype)
+                  for k, v in global_shapes.items()}
+        compiled_steps[size] = train_fn.lower(abstract, shapes, dropout_rng, frozen).compile()
+        logging.info("Train step compiled in %.1f s%s", time.perf_counter() - compile_start,
+                     f" for a global batch of {size}" if ramp else "")
+        mesh_lib.wait_for_processes(f"step compiled for {size}")
+      return compiled_steps[size]
+
+    compiled_step(schedule_of_batches.size(start))
+
+    def rows_before(step: int) -> int:
+      return schedule_of_batches.offset(step)
+
+    def model_flops(step: int) -> float:
+      """Model FLOPs of the steps before `step`. Under a ramp by batch size: relative
+      attention's per-step work is shared by a step's rows (`flops.encoder_flops_per_token`)."""
+      if ramp is None:
+        return rows_before(step) * d.seq_len * task.flops_per_token
+      return sum(rows * d.seq_len * flops.training_flops_per_token(
+          model.config, d.seq_len, objectives, rows_per_step=size)
+          for size, rows in ramp.rows_by_size(step).items())
+
     # On CPU the measured matmul peak of this host (cached per host), else the datasheet's.
     peak, peak_source = flops.peak_flops(t.peak_tflops_per_device)
     logging.info("Peak for MFU: %.3g FLOP/s (%s)", peak, peak_source)
@@ -217,7 +260,12 @@ def fit(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str
         batch = evaluation.global_batch(host_batch, batch_sharding, process_count)
         done = step + 1
         profiler.before(done)
-        state, metrics = train_compiled(state, batch, dropout_rng, frozen)
+        size = schedule_of_batches.size(step)
+        if size not in compiled_steps:  # A new ramp stage: its compile is not training time.
+          compile_started = time.perf_counter()
+          compiled_step(size)
+          interval.started += time.perf_counter() - compile_started
+        state, metrics = compiled_steps[size](state, batch, dropout_rng, frozen)
         profiler.after(done, (state, metrics))
         if pending is not None:
           consecutive_skips = account(interval, pending, consecutive_skips, t, checkpointer)
@@ -227,7 +275,9 @@ def fit(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str
           consecutive_skips = account(interval, pending, consecutive_skips, t, checkpointer)
           pending = None
           elapsed = time.perf_counter() - interval.started
-          tokens_per_sec = interval.timed_steps * tokens_per_step / max(elapsed, 1e-9)
+          timed_rows = rows_before(done) - rows_before(done - interval.timed_steps)
+          tokens_per_sec = timed_rows * d.seq_len / max(elapsed, 1e-9)
+          interval_rows = rows_before(done) - rows_before(done - interval.steps)
           row = evaluation.ratios(interval.sums)
           row.update(
               learning_rate=interval.last["learning_rate"],
@@ -236,8 +286,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str
               mfu=flops.training_flops_per_token(
                   model.config, d.seq_len, objectives,
                   {name: interval.sums.get(f"{name}_loss/count", 0.0)
-                   / max(interval.steps * d.batch_size, 1) for name in token_objectives},
-                  rows_per_step=d.batch_size,
+                   / max(interval_rows, 1) for name in token_objectives},
+                  rows_per_step=interval_rows // max(interval.steps, 1),
               ) * tokens_per_sec / peak if peak else 0.0,
               skipped_steps=interval.skipped,
           )
@@ -246,8 +296,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str
             count = interval.sums.get(f"{name}_loss/count", 0.0)
             predicted_tokens += count
             row[f"{name}_predicted_per_step"] = count / max(interval.steps, 1)
-          row.update(tokens_seen=done * tokens_per_step, predicted_tokens=predicted_tokens,
-                     model_flops=done * tokens_per_step * flops_per_token)
+          row.update(tokens_seen=rows_before(done) * d.seq_len, predicted_tokens=predicted_tokens,
+                     model_flops=model_flops(done))
           writer.write(done, row)
           last_row = row
           progress.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
@@ -258,8 +308,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str
         if done % t.eval_every == 0 or done == t.steps:
           eval_started = time.perf_counter()
           eval_row = evaluate(state.params, frozen)
-          writer.write(done, {**eval_row, "tokens_seen": done * tokens_per_step,
-                              "model_flops": done * tokens_per_step * flops_per_token})
+          writer.write(done, {**eval_row, "tokens_seen": rows_before(done) * d.seq_len,
+                              "model_flops": model_flops(done)})
           last_row = {**last_row, **eval_row}
           logging.info("step %d: %s", done,
                        json.dumps({k: round(v, 4) for k, v in eval_row.items()}))
@@ -271,6 +321,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str
             pending = None
           stalled = checkpointer.save(done, state, {
               "step": done, "global_batch_size": d.batch_size, "interval": interval.to_json(),
+              "batch_ramp": ramp.to_json() if ramp else None,
               "data_fingerprint": task.data_fingerprint,
               "consecutive_skips": consecutive_skips, "predicted_tokens": predicted_tokens,
               **task.extra_position})
