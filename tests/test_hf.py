@@ -167,7 +167,9 @@ def test_transformers_computes_jaxlm_logits(exported, tokenizer):
                                     "nsp/classifier/bias", "nsp/classifier/kernel"]
 
 
-def test_import_round_trip_is_exact(exported):
+def assert_exact_round_trip(exported):
+  """`import_hf` of an exported folder gives back the run's config and every array, to the bit;
+  returns the imported tree."""
   config, _, params, directory, _ = exported
   overrides, imported = convert.import_hf(str(directory))
   assert ModelConfig(**overrides) == config
@@ -175,6 +177,12 @@ def test_import_round_trip_is_exact(exported):
   assert set(ours) == set(theirs)
   for path, array in ours.items():
     np.testing.assert_array_equal(theirs[path], array, err_msg="/".join(path))
+  return imported
+
+
+def test_import_round_trip_is_exact(exported):
+  imported = assert_exact_round_trip(exported)
+  params = exported[2]
   assert jax.tree_util.tree_structure(imported) == jax.tree_util.tree_structure(params)
 
 

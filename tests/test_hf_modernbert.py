@@ -24,7 +24,8 @@ torch = pytest.importorskip("torch")
 
 from jaxlm import export  # noqa: E402  (after the guard: it needs the hf extra)
 from jaxlm.hf import convert, tokenizer as hf_tokenizer  # noqa: E402
-from test_hf import PAIRS, TEXTS, TOLERANCE, _hf_batch, _init, _jaxlm_batch  # noqa: E402
+from test_hf import (PAIRS, TEXTS, TOLERANCE, _hf_batch, _init, _jaxlm_batch,  # noqa: E402
+                     assert_exact_round_trip)
 
 # ModernBERT's layout with jaxlm's test sizes. An odd theta, eps and dropout rates, so that each
 # has to be carried over; weights ten times BERT's scale and every norm scale and bias moved
@@ -117,13 +118,8 @@ def test_transformers_computes_jaxlm_logits(exported, tokenizer):
 
 
 def test_import_round_trip_is_exact(exported):
-  config, _, params, directory, _ = exported
-  overrides, imported = convert.import_hf(str(directory))
-  assert ModelConfig(**overrides) == config
-  ours, theirs = convert.flatten(params), convert.flatten(imported)
-  assert set(ours) == set(theirs)
-  for path, array in ours.items():
-    np.testing.assert_array_equal(theirs[path], array, err_msg="/".join(path))
+  directory = exported[3]
+  imported = assert_exact_round_trip(exported)
   assert "attention_norm" not in imported["encoder"]["layer_0"]
   with pytest.raises(UserError, match="first_layer_attention_norm.*scan_layers"):
     convert.import_hf(str(directory), scan_layers=True)
