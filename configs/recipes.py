@@ -28,3 +28,18 @@ def tiny_fast() -> ml_collections.ConfigDict:
   config.train.eval_every = 100
   config.train.checkpoint_every = 100
   return config
+
+
+def modern(size: str, vocab_size: int, learning_rate: float,
+           warmup_steps: int) -> ml_collections.ConfigDict:
+  """The modern encoder recipe (`experiments/modern_mini.py` measures it): `models.modern(size)`,
+  MLM alone on `full_sentences` at 40% always-[MASK] (Wettig et al. 2023), AdamW with b2 0.98
+  and a trapezoid schedule (30% cool-down). Sizes, batch and steps are the experiment's."""
+  config = base.get_config()
+  config.model = models.modern(size, vocab_size=vocab_size)
+  config.data.format = "full_sentences"
+  config.objectives.nsp.weight = 0.0
+  config.objectives.mlm.update(mask_rate=0.4, mask_token_prob=1.0, random_token_prob=0.0)
+  config.optimizer = optimizers.adamw_roberta(learning_rate, warmup_steps)
+  config.optimizer.update(decay="trapezoid", cooldown_fraction=0.3)
+  return config

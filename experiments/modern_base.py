@@ -11,19 +11,14 @@ size was not run here (no accelerator was lent), so the learning rate is MosaicB
 its batch, not a tuned one.
 """
 
-from configs import base, models, optimizers
+from configs import recipes
 
 
 def get_config():
-  config = base.get_config()
-  config.model = models.modern("base", vocab_size=30528)  # A multiple of 64: tensor cores, MXU.
-  config.data.format = "full_sentences"
+  # A vocabulary that is a multiple of 64 (tensor cores, the MXU).
+  config = recipes.modern("base", vocab_size=30528, learning_rate=5e-4, warmup_steps=4_000)
   config.data.seq_len = 128
   config.data.batch_size = 4096
-  config.objectives.nsp.weight = 0.0
-  config.objectives.mlm.update(mask_rate=0.4, mask_token_prob=1.0, random_token_prob=0.0)
-  config.optimizer = optimizers.adamw_roberta(learning_rate=5e-4, warmup_steps=4_000)
-  config.optimizer.update(decay="trapezoid", cooldown_fraction=0.3)
   # 4096 x 128 in 64 slices of 64 sequences: fits a 24 GB host too; lower it on accelerators.
   config.train.microbatches = 64
   config.train.steps = 70_000

@@ -21,20 +21,14 @@ What each part buys (`experiments/ablation_modern.py`, 200 steps, one part put b
 see that file's docstring.
 """
 
-from configs import base, models, optimizers
+from configs import recipes
 
 
 def get_config():
-  config = base.get_config()
-  config.model = models.modern("mini", vocab_size=8192)
-  config.data.format = "full_sentences"
+  config = recipes.modern("mini", vocab_size=8192, learning_rate=2e-3, warmup_steps=50)
   config.data.seq_len = 128
   config.data.batch_size = 32
   config.data.eval_examples = 1024  # As bert_mini.py: the same fixed eval set.
-  config.objectives.nsp.weight = 0.0
-  config.objectives.mlm.update(mask_rate=0.4, mask_token_prob=1.0, random_token_prob=0.0)
-  config.optimizer = optimizers.adamw_roberta(learning_rate=2e-3, warmup_steps=50)
-  config.optimizer.update(decay="trapezoid", cooldown_fraction=0.3)
   config.train.steps = 2000
   config.train.log_every = 25
   config.train.eval_every = 250
