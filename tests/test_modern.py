@@ -41,7 +41,8 @@ ROPE = dataclasses.replace(CONFIG, position_encoding="rope")
 MODERN = dict(position_encoding="rope", rope_theta=500.0, mlp_activation="geglu", use_bias=False,
               norm="rms_norm", tie_output_embedding=False, mlm_head_transform=False,
               pre_layer_norm=True)
-ALL_ON = dataclasses.replace(CONFIG, **MODERN)
+# Every option on, ModernBERT's layout (no token types, no norm before layer 0's attention) too.
+ALL_ON = dataclasses.replace(CONFIG, **MODERN, type_vocab_size=0, first_layer_attention_norm=False)
 HEADS = (("mlm", MlmHead), ("nsp", NspHead), ("clm", LmHead), ("plm", PlmHead))
 VIEWS = (("clm", "causal"), ("plm", "permuted"))
 B, L, P = 4, 12, 4
@@ -476,6 +477,8 @@ def sharded():
 
 def test_every_option_on_a_sharded_mesh_gives_the_one_device_loss(sharded):
   mesh, rules, model, _, state = sharded
+  assert "attention_norm" not in state.params["encoder"]["layer_0"]
+  assert "token_type" not in state.params["encoder"]["embeddings"]
   kernel = state.params["encoder"]["layer_0"]["mlp"]["wi_gate"]["kernel"]
   assert {s.data.shape for s in kernel.addressable_shards} == {
       (MESH_CONFIG.hidden_size // 2, MESH_CONFIG.mlp_dim // 2)}
