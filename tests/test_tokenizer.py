@@ -124,3 +124,30 @@ def test_unknown_model_type_is_refused(tmp_path):
     tokenizer_lib.train(["a b c"], str(tmp_path / "t.model"), vocab_size=10,
                         model_type="wordpiece")
   assert not (tmp_path / "t.model").exists()
+
+
+def test_training_gives_one_tokenizer_on_any_machine(tmp_path, corpus_documents):
+  """The same lines give the same pieces and scores in a fresh process with another core count.
+
+  sentencepiece's scores once followed the thread count (os.cpu_count()) and its own sentence
+  shuffle followed process state, so CI's machine trained another tokenizer than this one."""
+  import subprocess
+  import sys
+
+  lines_path = tmp_path / "lines.txt"
+  lines = sentences_of(corpus_documents)[:1500]
+  lines_path.write_text("\n".join(lines), encoding="utf-8")
+  here = tokenizer_lib.train(lines, str(tmp_path / "here.model"), vocab_size=300,
+                             max_sentences=1000)
+  script = (
+      "import os, sys; os.cpu_count = lambda: 7\n"
+      "from jaxlm.data import tokenizer\n"
+      "lines = open(sys.argv[1], encoding='utf-8').read().split('\\n')\n"
+      "tokenizer.train(lines, sys.argv[2], vocab_size=300, max_sentences=1000)\n")
+  subprocess.run([sys.executable, "-c", script, str(lines_path), str(tmp_path / "there.model")],
+                 check=True)
+  there = spm.SentencePieceProcessor(model_file=str(tmp_path / "there.model"))
+  ours = here._sp
+  assert ours.GetPieceSize() == there.GetPieceSize()
+  assert [(ours.IdToPiece(i), ours.GetScore(i)) for i in range(ours.GetPieceSize())] == [
+      (there.IdToPiece(i), there.GetScore(i)) for i in range(there.GetPieceSize())]

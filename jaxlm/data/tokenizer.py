@@ -16,10 +16,14 @@ import sentencepiece as spm
 from jaxlm.errors import UserError
 
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 1, 2, 3, 4
-SPECIAL_PIECES = {"[PAD]": PAD_ID, "[UNK]": UNK_ID, "[CLS]": CLS_ID, "[SEP]": SEP_ID, "[MASK]": MASK_ID}
+SPECIAL_PIECES = {
+    "[PAD]": PAD_ID, "[UNK]": UNK_ID, "[CLS]": CLS_ID, "[SEP]": SEP_ID, "[MASK]": MASK_ID}
 NUM_SPECIAL = len(SPECIAL_PIECES)
 MODEL_TYPES = ("unigram", "bpe")
 _WORD_START = "\u2581"  # sentencepiece's "▁", which marks a piece that begins a word.
+# sentencepiece splits its EM sums over its threads, so the thread count changes the scores (and
+# at times the pieces). A fixed count, not the machine's cores, gives every machine one tokenizer.
+_TRAINER_THREADS = 16
 
 
 def train(
@@ -54,7 +58,10 @@ def train(
 
 
 def _train_into(model, lines, vocab_size, model_type, max_sentences, seed_sentences) -> None:
-  spm.set_random_generator_seed(0)  # Sentence sampling of large corpora is then repeatable.
+  """Trains deterministically: the same lines give the same model on any machine. Past
+  `max_sentences` the first lines are kept: sentencepiece's own shuffle is seeded by process
+  state, not by `set_random_generator_seed`, so callers sample beforehand (prepare.py does)."""
+  spm.set_random_generator_seed(0)
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(lines),
       model_writer=model,
@@ -73,8 +80,8 @@ def _train_into(model, lines, vocab_size, model_type, max_sentences, seed_senten
       character_coverage=0.9995,
       input_sentence_size=max_sentences,
       seed_sentencepiece_size=seed_sentences,
-      shuffle_input_sentence=True,
-      num_threads=os.cpu_count() or 1,
+      shuffle_input_sentence=False,
+      num_threads=_TRAINER_THREADS,
       minloglevel=2,
   )
 
