@@ -55,6 +55,8 @@ def load_config(args: argparse.Namespace):
 def machine() -> dict:
   import torch
 
+  from jaxlm import huge_pages
+
   model = "unknown"
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -63,7 +65,8 @@ def machine() -> dict:
   except OSError:
     pass
   return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-          "load_average": [round(x, 2) for x in os.getloadavg()]}
+          "load_average": [round(x, 2) for x in os.getloadavg()],
+          "malloc_huge_pages": huge_pages.enabled_in_this_process()}
 
 
 def torch_inputs(config, objectives) -> dict:
@@ -158,4 +161,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  from jaxlm import huge_pages
+
+  huge_pages.reexec_with_huge_pages()  # As `python -m jaxlm.bench` does: both sides get it.
   main()

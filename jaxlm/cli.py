@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
+from jaxlm import huge_pages
 from jaxlm.errors import UserError, closest
 
 _COORDINATOR = "coordinator_address"
@@ -127,7 +128,11 @@ class _QuietLibraries:
 
 def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> int:
   """Runs `main` under absl (on `argv`, default sys.argv); a UserError exits 1 with its message
-  and no traceback."""
+  and no traceback. Started as `python -m jaxlm.<verb>`, the process first restarts itself once
+  with malloc on huge pages (`huge_pages.py`)."""
+  main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  if main_spec is not None and main_spec.name.startswith("jaxlm."):
+    huge_pages.reexec_with_huge_pages()
 
   def guarded(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())

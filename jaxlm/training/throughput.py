@@ -11,6 +11,8 @@ import time
 
 import numpy as np
 
+from jaxlm import huge_pages
+
 
 
 def pipeline_benchmark(config, workdir: str, steps: int, warmup: int) -> dict:
@@ -194,4 +196,5 @@ def step_benchmark(config, steps: int, warmup: int, matmul_size: int | None = No
       attention_dropout=model_config.attention_dropout_rate,
       attention_impl=model_config.attention_impl, prng_impl=t.prng_impl,
       steps=steps, warmup=warmup, devices=jax.device_count(), device_kind=device.device_kind,
-      xla_flags=os.environ.get("XLA_FLAGS", ""), load_average=list(os.getloadavg()))
+      xla_flags=os.environ.get("XLA_FLAGS", ""), load_average=list(os.getloadavg()),
+      malloc_huge_pages=huge_pages.enabled_in_this_process())
