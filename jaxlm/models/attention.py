@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.errors import UserError
-from jaxlm.models import init
+from jaxlm.models import dropout, init
 from jaxlm.parallel import axes
 from jaxlm.models.config import ModelConfig
 
@@ -131,7 +131,7 @@ class MultiHeadAttention(nn.Module):
     # of padding) attends to nothing rather than to everything.
     probs_BHQK = jnp.where(jnp.any(mask_BHQK, axis=-1, keepdims=True), probs_BHQK, 0.0)
     probs_BHQK = probs_BHQK.astype(c.dtype)
-    probs_BHQK = nn.Dropout(c.attention_dropout_rate)(probs_BHQK, deterministic=deterministic)
+    probs_BHQK = dropout.Dropout(c.attention_dropout_rate)(probs_BHQK, deterministic=deterministic)
     return jnp.einsum("bhqk,bkhd->bqhd", probs_BHQK, v_BKHK)
 
   def _fused_attention(self, q_BQHK, k_BKHK, v_BKHK, mask_BHQK, position_BHQK,

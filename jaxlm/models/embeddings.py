@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm.models import init
+from jaxlm.models import dropout, init
 from jaxlm.parallel import axes
 from jaxlm.models.config import ModelConfig
 
@@ -56,5 +56,5 @@ class Embeddings(nn.Module):
     if c.type_vocab_size:
       h_BLD = h_BLD + table("token_type", c.type_vocab_size, axes.TOKEN_TYPE)(token_type_ids_BL)
     h_BLD = init.norm(c, name="layer_norm")(h_BLD)
-    h_BLD = nn.Dropout(c.dropout_rate)(h_BLD, deterministic=deterministic)
+    h_BLD = dropout.Dropout(c.dropout_rate)(h_BLD, deterministic=deterministic)
     return h_BLD, tokens.embedding

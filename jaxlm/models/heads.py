@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm.models import init
+from jaxlm.models import dropout, init
 from jaxlm.parallel import axes
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.encoder import EncoderOutput
@@ -20,7 +20,7 @@ def _output_logits(module: nn.Module, c: ModelConfig, h_BXD: jax.Array,
   `output_embedding`), plus a per-token bias (none with `model.use_bias=False`)."""
   if c.mlm_head_transform:
     h_BXD = init.dense(c, c.hidden_size, (axes.EMBED, axes.EMBED_OUT), "transform")(h_BXD)
-    h_BXD = init.norm(c, "layer_norm")(nn.gelu(h_BXD, approximate=False))
+    h_BXD = init.norm(c, "layer_norm")(dropout.gelu(h_BXD))
   if not c.tie_output_embedding:
     table_VD = module.param("output_embedding", init.weights(c, (axes.VOCAB, axes.EMBED)),
                             (c.vocab_size, c.hidden_size), c.param_dtype)
@@ -108,6 +108,6 @@ class ClassificationHead(nn.Module):
       self, encoded: EncoderOutput, batch: Mapping[str, jax.Array], deterministic: bool
   ) -> jax.Array:
     c = self.config
-    h_BD = nn.Dropout(c.dropout_rate)(encoded.pooled_BD, deterministic=deterministic)
+    h_BD = dropout.Dropout(c.dropout_rate)(encoded.pooled_BD, deterministic=deterministic)
     logits_BC = init.dense(c, self.num_classes, (axes.EMBED, axes.CLASSES), "classifier")(h_BD)
     return logits_BC.astype(jnp.float32)

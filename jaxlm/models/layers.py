@@ -1,12 +1,10 @@
 """One Transformer layer: self-attention and an MLP (GELU, or gated: GEGLU / SwiGLU), post-LN
 (BERT) or pre-LN."""
 
-import functools
-
 import flax.linen as nn
 import jax
 
-from jaxlm.models import init
+from jaxlm.models import dropout, init
 from jaxlm.parallel import axes
 from jaxlm.models.attention import MultiHeadAttention
 from jaxlm.models.config import ModelConfig
@@ -14,8 +12,8 @@ from jaxlm.models.config import ModelConfig
 
 # `model.mlp_activation` -> the activation; BERT's GELU is the exact (erf) one.
 _ACTIVATIONS = {
-    "gelu": functools.partial(nn.gelu, approximate=False),
-    "geglu": functools.partial(nn.gelu, approximate=False),
+    "gelu": dropout.gelu,
+    "geglu": dropout.gelu,
     "swiglu": nn.silu,
 }
 
@@ -71,7 +69,7 @@ class TransformerLayer(nn.Module):
     c = self.config
     attention = MultiHeadAttention(c, name="attention")
     mlp = Mlp(c, name="mlp")
-    drop = nn.Dropout(c.dropout_rate)
+    drop = dropout.Dropout(c.dropout_rate)
     if c.pre_layer_norm:
       attention_norm = init.norm(c, "attention_norm") if self.attention_norm else _identity
       h = attention_norm(x_BLD)
