@@ -84,6 +84,11 @@ def test_measured_peak_is_positive_and_cached(tmp_path, monkeypatch):
   peak, source = flops.peak_flops(cache_file=cache)
   assert peak == 5e10 and "cached" in source
   assert flops.peak_flops(2.0)[0] == pytest.approx(2e12 * flops.jax.device_count())
+  # A fresh measurement (bench's) may raise the cached peak, never lower it.
+  flops.remember_peak_flops(3e10, cache)
+  assert flops.host_peak_flops(cache) == 5e10
+  flops.remember_peak_flops(8e10, cache)
+  assert flops.host_peak_flops(cache) == 8e10 and len(calls) == 1
 
 
 def test_step_benchmark_json_has_every_key():
