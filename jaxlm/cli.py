@@ -126,6 +126,22 @@ class _QuietLibraries:
         "orbax" not in record.pathname)
 
 
+COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jaxlm", "xla")
+
+
+def use_compilation_cache() -> None:
+  """JAX's persistent compilation cache in `COMPILATION_CACHE`, so a resumed run, an eval or a
+  second run of the same shapes loads its compiled steps instead of compiling them again (the
+  cache is keyed by program, flags, devices and jax version, so a hit is the same executable).
+  A cache the user chose (`JAX_COMPILATION_CACHE_DIR`) is kept; `JAXLM_COMPILATION_CACHE=0`
+  turns jaxlm's off."""
+  import jax
+
+  if os.environ.get("JAXLM_COMPILATION_CACHE") == "0" or jax.config.jax_compilation_cache_dir:
+    return
+  jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
+
+
 def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> int:
   """Runs `main` under absl (on `argv`, default sys.argv); a UserError exits 1 with its message
   and no traceback. Started as `python -m jaxlm.<verb>`, the process first restarts itself once
@@ -136,6 +152,7 @@ def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> int
 
   def guarded(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    use_compilation_cache()
     try:
       main(argv)
     except UserError as e:

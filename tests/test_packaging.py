@@ -41,3 +41,24 @@ def test_train_loads_an_experiment_from_another_directory(repo_root, tmp_path):
   assert done.returncode == 2, done.stderr[-3000:]
   assert "Unknown config key 'train.stepz'" in done.stderr, done.stderr[-3000:]
   assert "Did you mean 'train.steps'" in done.stderr
+
+
+def test_entry_points_use_a_persistent_compilation_cache(monkeypatch):
+  import jax
+
+  from jaxlm import cli
+
+  chosen = jax.config.jax_compilation_cache_dir  # The tests' own cache (conftest).
+  assert chosen
+  try:
+    cli.use_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir == chosen  # A cache the user chose is kept.
+    jax.config.update("jax_compilation_cache_dir", None)
+    monkeypatch.setenv("JAXLM_COMPILATION_CACHE", "0")
+    cli.use_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir is None
+    monkeypatch.delenv("JAXLM_COMPILATION_CACHE")
+    cli.use_compilation_cache()
+    assert jax.config.jax_compilation_cache_dir == cli.COMPILATION_CACHE
+  finally:
+    jax.config.update("jax_compilation_cache_dir", chosen)
