@@ -71,6 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
           # unless host transforms are slow: the pipeline makes millions of tokens/s).
           workers=0,
           short_seq_prob=0.1,  # pairs: share of examples with a random shorter length.
+          # pairs, training only: up to this many examples per row, kept apart by the attention
+          # mask (MLPerf's packed BERT), so padding costs less; 1 = one per row, as BERT.
+          # MLM and NSP only; the eval sets stay one example per row.
+          pack_examples=1,
           # The fixed eval set: this many sequences of held-out text, chosen and masked by
           # eval_seed alone (not train.seed, the batch size, the format or the objectives).
           eval_examples=4096,

@@ -36,6 +36,9 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1) -> None:
         f"{process_count} processes."
     )
   validate_batch_ramp(config, process_count)
+  if d.pack_examples < 1 or (d.pack_examples > 1 and d.format != "pairs"):
+    raise UserError(f"data.pack_examples is {d.pack_examples}: use 1 (one example per row) or "
+                    "more with data.format=pairs (the other formats leave little padding).")
   if not 0.0 <= d.short_seq_prob <= 1.0 or not 0.0 < d.eval_fraction < 1.0:
     raise UserError("data.short_seq_prob must be in [0, 1] and data.eval_fraction in (0, 1).")
   if d.eval_examples < 1:

@@ -239,6 +239,13 @@ def padding_mask(input_ids_BL: jax.Array, pad_id: int = 0) -> jax.Array:
   return (input_ids_BL != pad_id)[:, None, None, :]
 
 
+def example_mask(example_ids_BL: jax.Array) -> jax.Array:
+  """`[B, 1, L, L]`: in a packed row (`data.pack_examples`), position i attends to the keys of
+  its own example only; `example_ids` is 1..K per example and 0 on padding."""
+  same_BLL = example_ids_BL[:, :, None] == example_ids_BL[:, None, :]
+  return (same_BLL & (example_ids_BL[:, None, :] > 0))[:, None]
+
+
 def two_stream_masks(length: int, num_targets: int) -> tuple[jax.Array, jax.Array]:
   """XLNet's visibility for a physically permuted sequence (MPNet's layout): the `L - P`
   non-targets first, then the `P` targets in factorisation order.

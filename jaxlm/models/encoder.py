@@ -17,7 +17,7 @@ from jaxlm.models.layers import TransformerLayer
 @flax.struct.dataclass
 class EncoderOutput:
   sequence_BLD: jax.Array  # Final hidden states.
-  pooled_BD: jax.Array  # tanh(dense(h[CLS])), BERT's sentence representation.
+  pooled_BD: jax.Array  # tanh(dense(h[CLS])), BERT's sentence representation ([B, K, D] packed).
   token_table_VD: jax.Array  # The token embedding table, for heads tied to it.
   query_BPD: jax.Array | None = None  # The query stream's final states (two-stream runs only).
 
@@ -110,11 +110,14 @@ class Encoder(nn.Module):
       causal: bool = False,
       position_ids_BL: jax.Array | None = None,
       query: QueryStream | None = None,
+      cls_positions_BK: jax.Array | None = None,
   ) -> EncoderOutput:
     """`mask_BHQK` defaults to the padding mask (`causal`: and no key after the query).
 
-    `position_ids_BL`: the original positions when the sequence is physically permuted (PLM);
-    `query`: run XLNet's query stream too (`EncoderOutput.query_BPD`).
+    `position_ids_BL`: the original positions when the sequence is physically permuted (PLM),
+    or each example's own positions in a packed row; `query`: run XLNet's query stream too
+    (`EncoderOutput.query_BPD`); `cls_positions_BK`: pool at these K positions of each row (the
+    [CLS] of each example of a packed row), `pooled_BD` then `[B, K, D]`.
     """
     c = self.config
     if mask_BHQK is None:
@@ -141,5 +144,7 @@ class Encoder(nn.Module):
       final_norm = init.norm(c, "final_norm")
       h_BLD = final_norm(h_BLD)
       g_BPD = None if g_BPD is None else final_norm(g_BPD)
-    pooled_BD = init.dense(c, c.hidden_size, (axes.EMBED, axes.EMBED_OUT), "pooler")(h_BLD[:, 0])
+    first_BD = (h_BLD[:, 0] if cls_positions_BK is None
+                else jnp.take_along_axis(h_BLD, cls_positions_BK[..., None], axis=1))
+    pooled_BD = init.dense(c, c.hidden_size, (axes.EMBED, axes.EMBED_OUT), "pooler")(first_BD)
     return EncoderOutput(h_BLD, jnp.tanh(pooled_BD), table_VD, g_BPD)

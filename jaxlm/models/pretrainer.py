@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.data.tokenizer import PAD_ID
-from jaxlm.models.attention import two_stream_masks
+from jaxlm.models.attention import example_mask, two_stream_masks
 from jaxlm.models.config import ModelConfig
 from jaxlm.models.encoder import Encoder, EncoderOutput, QueryStream
 
@@ -27,7 +27,8 @@ class Pretrainer(nn.Module):
   bidirectional):
   - bidirectional: full attention over `batch[bidirectional_input]` (the ids an objective
     corrupted, as MLM's masked ids), or `input_ids` when the batch has none (an eval set that
-    objective does not corrupt);
+    objective does not corrupt); in packed rows (`example_ids` in the batch) within each
+    example, at its own positions, pooled at each example's [CLS];
   - causal: each position attends to itself and earlier ones, over the clean `input_ids`;
   - permuted: XLNet's two streams over the clean ids, physically reordered by `plm_perm`
     (non-targets, then the targets in factorisation order) so that both masks are constants.
@@ -71,9 +72,13 @@ class Pretrainer(nn.Module):
       return encoder(**permuted_inputs(batch), deterministic=deterministic)
     if view != BIDIRECTIONAL:
       raise ValueError(f"Unknown view '{view}'; views are {VIEWS}.")
+    mask_BHQK, positions_BL, cls_BK = batch.get("attention_mask"), None, None
+    if "example_ids" in batch:  # Packed rows: examples apart, positions and [CLS] per example.
+      mask_BHQK = example_mask(batch["example_ids"])
+      positions_BL, cls_BK = batch["position_ids"], batch["cls_positions"]
     return encoder(batch.get(self.bidirectional_input, batch["input_ids"]),
                    batch["token_type_ids"], deterministic=deterministic,
-                   mask_BHQK=batch.get("attention_mask"))
+                   mask_BHQK=mask_BHQK, position_ids_BL=positions_BL, cls_positions_BK=cls_BK)
 
 
 def permuted_inputs(batch: Mapping[str, jax.Array]) -> dict:

@@ -11,6 +11,7 @@ from jax.experimental import multihost_utils
 
 from jaxlm import config as config_lib
 from jaxlm.data import batch_schedule, formats, loader as loader_lib, setup as data_setup
+from jaxlm.data.formats import packed_pairs
 from jaxlm.errors import UserError
 from jaxlm.objectives import DataSpec, Objective, build_objectives
 
@@ -49,6 +50,12 @@ def build_inputs(
   if len(corrupting) > 1:
     raise UserError(f"Objectives {' and '.join(corrupting)} both corrupt the input of the "
                     "bidirectional pass; enable one of them.")
+  if d.pack_examples > 1:
+    other_views = [o.name for o in objectives if o.view != "bidirectional"]
+    if other_views:
+      raise UserError(f"data.pack_examples={d.pack_examples} keeps packed examples apart in the "
+                      f"bidirectional pass only, not in {', '.join(other_views)}'s. Set "
+                      "--config.data.pack_examples=1 or disable those objectives.")
   example_options = {"random_next_prob": 0.0, "short_seq_prob": d.short_seq_prob}
   for objective in objectives:
     example_options.update(objective.example_options())
@@ -61,7 +68,12 @@ def build_inputs(
         stream_id=stream_id, process_index=process_index, process_count=process_count,
         num_examples=num_examples, schedule=schedule)
 
-  train = loader(formats.make_format(d.format, sources.train, d.seq_len, **example_options),
+  if d.pack_examples > 1:
+    train_format = packed_pairs.PackedPairs(sources.train, d.seq_len,
+                                            max_examples=d.pack_examples, **example_options)
+  else:
+    train_format = formats.make_format(d.format, sources.train, d.seq_len, **example_options)
+  train = loader(train_format,
                  [(o.name, o.host_transform) for o in objectives],
                  config_lib.resolved_seeds(config)["data"],
                  loader_lib.TRAIN_STREAM, schedule=batch_schedule.from_config(config))

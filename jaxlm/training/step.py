@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxlm.data.tokenizer import PAD_ID
 from jaxlm.objectives import Objective
 from jaxlm.parallel import axes
 from jaxlm.training.state import TrainState
@@ -92,6 +93,9 @@ def train_step(
       # The schedule follows the optimizer's own count, which skipped steps do not advance.
       "learning_rate": schedule(_optimizer_count(state.opt_state)),
       "skipped": (~finite).astype(jnp.int32),
+      # Non-padding positions per row: what packing (data.pack_examples) raises.
+      "text_tokens/sum": jnp.sum(batch["input_ids"] != PAD_ID).astype(jnp.float32),
+      "text_tokens/count": jnp.asarray(batch["input_ids"].shape[0], jnp.float32),
   }
   for name, (total, count) in aux.items():
     metrics[name + "/sum"] = total

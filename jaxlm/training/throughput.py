@@ -51,8 +51,9 @@ DISTINCT_BATCHES = 4  # Synthetic batches made, then cycled (their contents do n
 
 def synthetic_rows(config, objectives, step: int, rows: int, first_row: int = 0) -> dict:
   """Host rows of the configured shape as a run's loader makes them, from random token ids:
-  `pairs`: [CLS] A [SEP] B [SEP] with random NSP labels, other formats a full window of text;
-  then every objective's host transform, keyed as the loader keys them."""
+  `pairs`: [CLS] A [SEP] B [SEP] with random NSP labels (`data.pack_examples` of them side by
+  side, as packed rows), other formats a full window of text; then every objective's host
+  transform, keyed as the loader keys them."""
   from jaxlm.data import formats, random as random_lib, tokenizer as tokenizer_lib
 
   d = config.data
@@ -63,15 +64,27 @@ def synthetic_rows(config, objectives, step: int, rows: int, first_row: int = 0)
                      dtype=np.int32)
   types = np.zeros_like(ids)
   batch = {"input_ids": ids, "token_type_ids": types}
+  # Packed pairs (data.pack_examples): that many equal examples per row, kept apart as a run's.
+  per_row = d.pack_examples if d.format == "pairs" else 1
   if d.format == "pairs":
-    middle = d.seq_len // 2
-    ids[:, 0], ids[:, middle], ids[:, -1] = (tokenizer_lib.CLS_ID, tokenizer_lib.SEP_ID,
-                                             tokenizer_lib.SEP_ID)
-    types[:, middle + 1:] = 1
+    width = d.seq_len // per_row
+    slot = np.minimum(np.arange(d.seq_len) // width, per_row - 1)
+    within = np.arange(d.seq_len) - slot * width
+    last = np.where(slot == per_row - 1, d.seq_len - 1 - slot * width, width - 1)
+    ids[:, within == 0] = tokenizer_lib.CLS_ID
+    middle = (last + 1) // 2
+    ids[:, (within == middle) | (within == last)] = tokenizer_lib.SEP_ID
+    types[:, within > middle] = 1
+    if per_row > 1:
+      batch.update(example_ids=np.broadcast_to(slot + 1, ids.shape).astype(np.int32),
+                   position_ids=np.broadcast_to(within, ids.shape).astype(np.int32),
+                   cls_positions=np.broadcast_to(np.arange(per_row) * width,
+                                                 (rows, per_row)).astype(np.int32))
   else:
     ids[:, -1] = tokenizer_lib.SEP_ID
   for key in formats.FORMATS[d.format].extra_fields:  # NSP labels: half random next.
-    batch[key] = (random_lib.uniform(keys, 0, (1,))[:, 0] < 0.5).astype(np.int32)
+    labels = random_lib.uniform(keys, 0, (per_row,)) < 0.5
+    batch[key] = (labels[:, 0] if per_row == 1 else labels).astype(np.int32)
   for objective in objectives:
     batch = objective.host_transform(
         batch, random_lib.row_keys(d.eval_seed, BENCH_STREAM, g, random_lib.salt(objective.name)))

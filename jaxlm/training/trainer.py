@@ -282,6 +282,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict[str
           row.update(
               learning_rate=interval.last["learning_rate"],
               tokens_per_sec=tokens_per_sec,
+              # Of which text, not padding (`text_tokens`: per row).
+              text_tokens_per_sec=tokens_per_sec * row.get("text_tokens", d.seq_len) / d.seq_len,
               # Model FLOPs of the predictions actually made in the interval (MLM's count).
               mfu=flops.training_flops_per_token(
                   model.config, d.seq_len, objectives,
