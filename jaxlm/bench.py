@@ -10,7 +10,9 @@ devices with the same XLA flags, before and after the steps; the higher counts),
 datasheet's dense bf16 peak. Model FLOPs count the predictions the batches actually make
 (`flops.training_flops_per_token`). The last line printed is JSON: `tokens_per_sec`, `step_ms`,
 `model_flops_per_token`, `mfu`, `peak_flops`, `peak_source`, `compile_s`, `peak_memory_bytes`
-and `peak_memory_source`, with the shape, the devices and the machine's load.
+and `peak_memory_source`, with the shape, the devices and the machine's load. `--ceiling` adds
+`mfu_ceiling`: the step's own `dot_general`s (same shapes) timed alone in one jitted function,
+as the MFU a step would reach whose every other operation cost nothing.
 
 `--pipeline` times the host input pipeline alone, exactly as a run builds it: examples of the
 config's format read from prepared shards, every enabled objective's host transform, batches of
@@ -38,6 +40,9 @@ _STEPS = flags.DEFINE_integer(
 _WARMUP = flags.DEFINE_integer(
     "warmup", None, "Steps (or batches) run before timing starts, at least 1; default 3 "
     "(--pipeline: 10).")
+_CEILING = flags.DEFINE_bool(
+    "ceiling", False, "Also time the step's own matrix products alone, in one jitted function: "
+    "`mfu_ceiling` is the MFU the step would reach if nothing else cost time.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", os.path.join(tempfile.gettempdir(), "jaxlm-bench"),
     "Where text inputs are prepared on first use (a prepared folder is read in place).")
@@ -52,7 +57,7 @@ def main(argv):
   if _PIPELINE.value:
     result = pipeline_benchmark(_CONFIG.value, _WORKDIR.value, steps, warmup)
   else:
-    result = step_benchmark(_CONFIG.value, steps, warmup)
+    result = step_benchmark(_CONFIG.value, steps, warmup, ceiling=_CEILING.value)
   print(json.dumps(result))
 
 

@@ -112,6 +112,27 @@ def test_step_benchmark_json_has_every_key():
                                      _objectives_of(config), {"mlm": 4.0}))
 
 
+def test_ceiling_times_the_steps_own_matmuls():
+  from jaxlm.training.throughput import matmul_flops, step_benchmark
+  from configs import recipes
+
+  config = recipes.tiny_fast()
+  config.model.update(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, vocab_size=256,
+                      scan_layers=True)
+  config.data.update(seq_len=32, batch_size=16)
+  result = step_benchmark(config, steps=2, warmup=1, matmul_size=256, ceiling=True)
+  # By hand, per layer: q, k, v, output (32 x 32 each), the MLP's two 32 x 64, over 512 tokens;
+  # scores and context (2 heads x 16 rows x 32 x 32 x 16); forward and two gradients each.
+  # Both layers count: the scan's body runs twice.
+  tokens = 16 * 32
+  layer = 4 * 32 * 32 * tokens + 2 * 32 * 64 * tokens + 2 * 16 * 2 * 32 * 32 * 16
+  assert result["matmul_flops_per_step"] >= 2 * 3 * 2 * layer
+  assert result["matmuls_per_step"] >= 2 * 3 * 8
+  assert result["matmuls_alone_ms"] < result["step_ms"]
+  assert result["mfu_ceiling"] > result["mfu"]
+  assert matmul_flops((((4, 3, 5), (4, 5, 7)), None, (((2,), (1,)), ((0,), (0,))))) == 2 * 4 * 3 * 5 * 7
+
+
 def _objectives_of(config):
   return build_objectives(config.objectives,
                           DataSpec(config.model.vocab_size, config.data.seq_len,

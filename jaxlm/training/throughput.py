@@ -6,6 +6,7 @@ flag definitions.
 """
 
 import copy
+import math
 import os
 import time
 
@@ -106,9 +107,61 @@ def peak_memory() -> tuple[int, str]:
           "process peak RSS (getrusage ru_maxrss): host memory of the whole process")
 
 
-def step_benchmark(config, steps: int, warmup: int, matmul_size: int | None = None) -> dict:
+def matmuls_of(jaxpr) -> list[tuple[tuple, tuple, object]]:
+  """Every `dot_general` a jaxpr runs, as (operand shapes, operand dtypes, dimension numbers),
+  looking inside nested jaxprs; a scan's body counts once per iteration."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      found.append((tuple(v.aval.shape for v in eqn.invars),
+                    tuple(v.aval.dtype for v in eqn.invars), eqn.params["dimension_numbers"]))
+    repeat = int(eqn.params.get("length", 1)) if eqn.primitive.name == "scan" else 1
+    for value in eqn.params.values():
+      for inner in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(inner, "jaxpr", inner)  # A ClosedJaxpr's jaxpr.
+        if hasattr(inner, "eqns"):
+          found += matmuls_of(inner) * repeat
+  return found
+
+
+def matmul_flops(matmul) -> float:
+  """2 x batch x contracted x free(lhs) x free(rhs) of one `matmuls_of` entry."""
+  (lhs, rhs), _, ((lhs_contract, rhs_contract), (lhs_batch, rhs_batch)) = matmul
+  size = lambda shape, dims: math.prod(shape[i] for i in dims)
+  free = lambda shape, used: math.prod(d for i, d in enumerate(shape) if i not in used)
+  return 2.0 * size(lhs, lhs_batch) * size(lhs, lhs_contract) * free(
+      lhs, set(lhs_contract) | set(lhs_batch)) * free(rhs, set(rhs_contract) | set(rhs_batch))
+
+
+def time_matmuls_alone(matmuls, repeats: int = 10) -> float:
+  """Median seconds of one jitted function that runs exactly these matmuls (on random operands,
+  independent of each other): the step with everything but its matrix products taken away."""
+  import statistics
+
+  import jax
+
+  keys = jax.random.split(jax.random.key(0), 2 * len(matmuls))
+  operands = [tuple(jax.random.normal(keys[2 * i + j], shape, dtype)
+                    for j, (shape, dtype) in enumerate(zip(shapes, dtypes)))
+              for i, (shapes, dtypes, _) in enumerate(matmuls)]
+  numbers = [dn for _, _, dn in matmuls]
+  run = jax.jit(lambda ops: [jax.lax.dot_general(a, b, dn) for (a, b), dn in zip(ops, numbers)])
+  for _ in range(2):
+    jax.block_until_ready(run(operands))
+  times = []
+  for _ in range(repeats):
+    started = time.perf_counter()
+    jax.block_until_ready(run(operands))
+    times.append(time.perf_counter() - started)
+  return statistics.median(times)
+
+
+def step_benchmark(config, steps: int, warmup: int, matmul_size: int | None = None,
+                   ceiling: bool = False) -> dict:
   """Times the run's jitted train step on synthetic batches; returns the figures.
-  `matmul_size`: of the CPU peak's matmul (default `flops.MATMUL_SIZE`; tests use less)."""
+  `matmul_size`: of the CPU peak's matmul (default `flops.MATMUL_SIZE`; tests use less).
+  `ceiling`: also time the step's own matrix products alone (`time_matmuls_alone`): the MFU
+  the step would reach if everything else cost nothing, with these matmul kernels."""
   import functools
   import statistics
 
@@ -171,6 +224,11 @@ def step_benchmark(config, steps: int, warmup: int, matmul_size: int | None = No
       if i >= warmup:
         times.append(time.perf_counter() - started)
         counts.append({k: float(v) for k, v in metrics.items() if k.endswith("_loss/count")})
+    matmuls = None
+    if ceiling:
+      matmuls = matmuls_of(jax.make_jaxpr(train_fn)(abstract, global_shapes, dropout_rng,
+                                                    None).jaxpr)
+      matmuls_s = time_matmuls_alone(matmuls)
     peak_after, _ = flops.peak_flops(t.peak_tflops_per_device, measure=True,
                                      matmul_size=matmul_size)
 
@@ -187,6 +245,15 @@ def step_benchmark(config, steps: int, warmup: int, matmul_size: int | None = No
   cost = cost[0] if isinstance(cost, list) else cost
   memory, memory_source = peak_memory()
   device = jax.local_devices()[0]
+  extra = {}
+  if matmuls is not None:
+    flops_of_matmuls = sum(matmul_flops(m) for m in matmuls)
+    extra = dict(
+        matmuls_per_step=len(matmuls), matmul_flops_per_step=flops_of_matmuls,
+        matmuls_alone_ms=round(1e3 * matmuls_s, 2),
+        matmul_flops_per_sec=flops_of_matmuls / matmuls_s,
+        # The MFU of a step that were only its matmuls, on the same peak.
+        mfu_ceiling=round(model_flops * tokens_per_step / matmuls_s / peak, 4) if peak else 0.0)
   return dict(
       tokens_per_sec=round(tokens_per_sec, 1),
       step_ms=round(1e3 * step_s, 2),
@@ -210,4 +277,4 @@ def step_benchmark(config, steps: int, warmup: int, matmul_size: int | None = No
       attention_impl=model_config.attention_impl, prng_impl=t.prng_impl,
       steps=steps, warmup=warmup, devices=jax.device_count(), device_kind=device.device_kind,
       xla_flags=os.environ.get("XLA_FLAGS", ""), load_average=list(os.getloadavg()),
-      malloc_huge_pages=huge_pages.enabled_in_this_process())
+      malloc_huge_pages=huge_pages.enabled_in_this_process(), **extra)

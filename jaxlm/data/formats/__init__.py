@@ -3,6 +3,8 @@
 Each format maps an example index (within one pass over the split) and a per-example random key
 to one row, without ever building the pass: `pairs` (BERT segment pairs with NSP labels),
 `full_sentences` (RoBERTa) and `packed` (causal and permutation LMs). Formats know no objective.
+`packed_pairs.PackedPairs` lays several `pairs` side by side in one training row
+(`data.pack_examples`).
 """
 
 from jaxlm.data.formats.base import FORMATS, Format, make_format
