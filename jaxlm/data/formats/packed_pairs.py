@@ -46,28 +46,32 @@ def plan_rows(lengths: np.ndarray, capacity: int, max_items: int) -> np.ndarray:
   smallest = int(lengths.min()) if lengths.size else 1
   alone = lengths > capacity - smallest
   rows: list[list[int]] = []
-  # open_by_room[r]: indices into `rows` of open rows with exactly r free positions.
+  # open_by_room[r]: indices into `rows` of open rows with exactly r free positions; bit r of
+  # `rooms` is set while that list is not empty, so the tightest fit is one bit search.
   open_by_room: list[list[int]] = [[] for _ in range(capacity + 1)]
-  room_of: list[int] = []
+  rooms = 0
   shared = np.flatnonzero(~alone)
-  for item in shared[np.argsort(-lengths[shared], kind="stable")]:
+  for item in shared[np.argsort(-lengths[shared], kind="stable")].tolist():
     size = int(lengths[item])
-    fit = next((r for r in range(size, capacity + 1) if open_by_room[r]), None)
-    if fit is None:
+    above = rooms >> size
+    if above:
+      fit = size + (above & -above).bit_length() - 1
+      row, room = open_by_room[fit].pop(), fit
+      if not open_by_room[fit]:
+        rooms &= ~(1 << fit)
+    else:
       row, room = len(rows), capacity
       rows.append([])
-      room_of.append(room)
-    else:
-      row, room = open_by_room[fit].pop(), fit
-    rows[row].append(int(item))
+    rows[row].append(item)
     room -= size
-    room_of[row] = room
     if room >= smallest and len(rows[row]) < max_items:
       open_by_room[room].append(row)
-  plan = np.full((int(alone.sum()) + len(rows), max_items), -1, np.int64)
-  plan[:int(alone.sum()), 0] = np.flatnonzero(alone)
-  for i, members in enumerate(rows):
-    plan[int(alone.sum()) + i, :len(members)] = members
+      rooms |= 1 << room
+  singles = np.flatnonzero(alone)
+  plan = np.full((len(singles) + len(rows), max_items), -1, np.int64)
+  plan[:len(singles), 0] = singles
+  for i, members in enumerate(rows, start=len(singles)):
+    plan[i, :len(members)] = members
   return plan
 
 
